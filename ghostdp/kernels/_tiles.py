@@ -1,0 +1,52 @@
+"""Tile sizes of the Triton kernels, in plain Python so the cost model needs no Triton.
+
+Fixed heuristics rather than ``triton.autotune``: every size is a power of two >= 16 (what
+``tl.dot`` needs), capped by the problem size so rank-sized dimensions (LoRA, r = 1..64) do not
+pay for 128-wide tiles. Revisit with autotuning once measured on the target GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+
+class Blocks(NamedTuple):
+    """Tile sizes of one launch."""
+
+    rows: int  # BLOCK_P (instantiated, clipped sum) or BLOCK_T (ghost)
+    cols: int  # BLOCK_D (instantiated, clipped sum) or BLOCK_T (ghost, same as rows)
+    inner: int  # chunk of the reduced dimension: BLOCK_T (instantiated, clipped sum), BLOCK_K (ghost)
+    num_warps: int
+
+
+def pow2_block(n: int, cap: int) -> int:
+    """Smallest power of two >= n, clamped to [16, cap]."""
+    return max(16, min(cap, 1 << max(n - 1, 0).bit_length()))
+
+
+def instantiated_blocks(T: int, d: int, p: int) -> Blocks:
+    """Tiles of g_i^T a_i: up to 128 x 128 outputs, T consumed 32 rows at a time."""
+    rows, cols = pow2_block(p, 128), pow2_block(d, 128)
+    return Blocks(rows, cols, pow2_block(T, 32), 8 if rows * cols >= 128 * 128 else 4)
+
+
+def instantiated_tiles(T: int, d: int, p: int) -> int:
+    """Number of (p, d) tiles, i.e. fp32 partials per example, of the instantiated-norm kernel."""
+    b = instantiated_blocks(T, d, p)
+    return math.ceil(p / b.rows) * math.ceil(d / b.cols)
+
+
+def ghost_blocks(T: int, d: int, p: int) -> Blocks:
+    """(t, s) tiles of the Gram matrices: up to 64 x 64, features consumed 64 at a time."""
+    rows = pow2_block(T, 64)
+    return Blocks(rows, rows, pow2_block(max(d, p), 64), 8 if rows >= 64 else 4)
+
+
+def ghost_tile_rows(T: int) -> int:
+    return pow2_block(T, 64)
+
+
+def clipped_sum_blocks(T: int, d: int, p: int) -> Blocks:
+    """Output tiles of sum_i c_i g_i^T a_i; the same shape rule as the instantiated norm."""
+    return instantiated_blocks(T, d, p)

@@ -1,0 +1,182 @@
+"""Clipped (and optionally noised) per-example gradient sums of a Linear layer.
+
+    weight:  out (+)= scale * (sum_i c_i g_i^T a_i + noise_std * z),   z ~ N(0, I_{p x d})
+    bias:    out (+)= scale * (sum_i c_i sum_t g_it + noise_std * z),  z ~ N(0, I_p)
+
+with a (B, T, d) the layer inputs, g (B, T, p) the gradients of its outputs (g_i example i's own),
+c (B,) the clip factors c_i = min(1, C / ||grad_i||). This is the book-keeping step of ghost
+clipping (Bu et al., "Differentially Private Optimization on Large Model at Small Cost", ICML
+2023): the clipped sum is one weighted GEMM over the batch, no second backward pass.
+
+Passing ``noise_std = sigma * C`` and ``scale = 1 / (expected batch size)`` on the last physical
+batch of a step finishes the DP gradient in the same pass. The Triton kernel draws the noise in
+registers (Philox, see :mod:`ghostdp.kernels.noise`) and writes or accumulates straight into
+``out``, accumulating in fp32; the twin uses fp32 torch ops and ``torch.randn``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ghostdp.kernels.dispatch import (
+    TWIN_DTYPES,
+    accumulation_dtype,
+    check_same_device,
+    resolve_impl,
+)
+from ghostdp.kernels.linear_norms import TWIN_BLOCK_BYTES, as_linear_inputs
+from ghostdp.kernels.noise import add_noise_, check_noise_args, randn_twin
+
+logger = logging.getLogger(__name__)
+
+
+def _check_clip_factors(c: torch.Tensor, B: int, device: torch.device, op: str) -> None:
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"{op}: clip factors c must be a torch.Tensor, got {type(c).__name__}.")
+    if c.shape != (B,):
+        raise ValueError(f"{op}: clip factors c have shape {tuple(c.shape)}, expected ({B},): one "
+                         "factor c_i = min(1, C / ||grad_i||) per example of the batch.")
+    if c.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: clip factors c have dtype {c.dtype}; pass float32 or float64 (a "
+                        "low-precision c_i can round above its true value and break the clip).")
+    if c.device != device:
+        raise ValueError(f"{op}: clip factors are on {c.device} but the activations on {device}; "
+                         "move them to one device.")
+
+
+def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
+               op: str) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{op}: out must be a torch.Tensor or None, got {type(out).__name__}.")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected {shape} (the "
+                         "parameter's shape).")
+    if out.dtype not in TWIN_DTYPES:
+        raise TypeError(f"{op}: out has dtype {out.dtype}; it must be float16, bfloat16, float32 "
+                        "or float64.")
+    if out.device != device:
+        raise ValueError(f"{op}: out is on {out.device} but the inputs on {device}; move them to "
+                         "one device.")
+
+
+def linear_clipped_sum_torch(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
+                             out: torch.Tensor | None, *, accumulate: bool, scale: float,
+                             noise_std: float, seed: int | None) -> torch.Tensor:
+    """Twin of :func:`linear_clipped_sum` (validated inputs, a (B, T, d), g (B, T, p)).
+
+    sum_i c_i g_i^T a_i as fp32 GEMMs (c_i g_i)^T a_i over blocks of examples, with c_i applied
+    to fp32 copies of g_i (no rounding to the input dtype); then noise_std * torch.randn in fp32,
+    the scale, and one rounding into ``out``.
+    """
+    B, T, d = a.shape
+    p = g.shape[2]
+    acc = accumulation_dtype(a.dtype)
+    if out is not None and out.dtype == torch.float64:
+        acc = torch.float64
+    total = torch.zeros((p, d), dtype=acc, device=a.device)  # (p, d)
+    itemsize = torch.finfo(acc).bits // 8
+    step = max(1, min(max(B, 1), TWIN_BLOCK_BYTES // max(1, itemsize * T * (p + d))))
+    for s in range(0, B, step):
+        g_blk = g[s:s + step].to(acc) * c[s:s + step].to(acc)[:, None, None]  # (b, T, p)
+        a_blk = a[s:s + step].to(acc)  # (b, T, d)
+        total += g_blk.flatten(0, 1).T @ a_blk.flatten(0, 1)  # (p, d)
+    if noise_std > 0:
+        total += noise_std * randn_twin((p, d), seed=seed, device=a.device).to(acc)
+    total *= scale
+    if out is None:
+        return total
+    if accumulate:
+        total += out.to(acc)
+    out.copy_(total)
+    return out
+
+
+def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *,
+                       out: torch.Tensor | None = None, accumulate: bool = True,
+                       scale: float = 1.0, noise_std: float = 0.0, seed: int | None = None,
+                       impl: str = "auto") -> torch.Tensor:
+    """``out (+)= scale * (sum_i c_i g_i^T a_i + noise_std * z)``: a Linear weight's DP gradient.
+
+    Args:
+        a: layer inputs, (B, T, d) (or (B, d), or (B, *, d)).
+        g: gradients of the layer outputs, (B, T, p).
+        c: (B,) float32/float64 clip factors.
+        out: (p, d) buffer (fp16, bf16, fp32 or fp64, any strides). None allocates a new fp32
+            (fp64 for float64 inputs) tensor.
+        accumulate: with ``out`` given, add into it (True, e.g. across physical batches) or
+            overwrite it (False).
+        scale: multiplies the sum and the noise, e.g. 1 / (expected batch size).
+        noise_std: sigma * C; 0 adds no noise and draws no random numbers.
+        seed: noise seed, an int in [0, 2**63) (see :func:`ghostdp.kernels.noise_seed`); None
+            draws a fresh secret one. Ignored when noise_std == 0.
+        impl: "auto" | "triton" | "torch" (see :mod:`ghostdp.kernels.dispatch`).
+
+    Returns:
+        ``out`` (or the new tensor), (p, d). Everything before the final rounding into ``out`` is
+        fp32 (fp64 for float64 inputs or a float64 ``out``). B = 0 (an empty Poisson batch) gives
+        the noise alone. The Triton kernel allocates no (p, d) noise tensor.
+    """
+    op = "linear_clipped_sum"
+    a, g = as_linear_inputs(a, g, op)
+    B, T, d = a.shape
+    p = g.shape[2]
+    _check_clip_factors(c, B, a.device, op)
+    _check_out(out, (p, d), a.device, op)
+    seed = check_noise_args(noise_std, scale, seed, op)
+    if resolve_impl(impl, a, g, op=op) == "torch":
+        return linear_clipped_sum_torch(a, g, c, out, accumulate=accumulate and out is not None,
+                                        scale=scale, noise_std=noise_std, seed=seed)
+    from ghostdp.kernels._clipped_sum_triton import linear_clipped_sum_triton
+
+    if out is None:
+        target = torch.empty((p, d), dtype=accumulation_dtype(a.dtype), device=a.device)
+        accumulate = False
+    else:
+        target = out if out.is_contiguous() else out.contiguous()
+    linear_clipped_sum_triton(a.contiguous(), g.contiguous(), c.contiguous(), target,
+                              accumulate=accumulate, scale=scale, noise_std=noise_std,
+                              seed=seed if seed is not None else 0)
+    if out is not None and target is not out:
+        out.copy_(target)
+    return target if out is None else out
+
+
+def bias_clipped_sum(g: torch.Tensor, c: torch.Tensor, *, out: torch.Tensor | None = None,
+                     accumulate: bool = True, scale: float = 1.0, noise_std: float = 0.0,
+                     seed: int | None = None, impl: str = "auto") -> torch.Tensor:
+    """``out (+)= scale * (sum_i c_i sum_t g_it + noise_std * z)``: a Linear bias's DP gradient.
+
+    g (B, T, p) (or (B, p)), c (B,); other arguments as :func:`linear_clipped_sum`. The sum is a
+    p-sized fp32 torch reduction (memory-bound, no kernel needed); the noise comes from
+    :func:`add_noise_` with the same ``impl``, so on CUDA it is the in-kernel Philox stream.
+    """
+    op = "bias_clipped_sum"
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{op}: g must be a torch.Tensor, got {type(g).__name__}.")
+    if g.dim() < 2:
+        raise ValueError(f"{op}: g has shape {tuple(g.shape)}; expected (B, T, p) or (B, p).")
+    if g.dtype not in TWIN_DTYPES:
+        raise TypeError(f"{op}: g has dtype {g.dtype}; expected float16, bfloat16, float32 or "
+                        "float64.")
+    B, p = g.shape[0], g.shape[-1]
+    _check_clip_factors(c, B, g.device, op)
+    _check_out(out, (p,), g.device, op)
+    check_same_device(g, c, op=op)
+    seed = check_noise_args(noise_std, scale, seed, op)
+    acc = accumulation_dtype(g.dtype)
+    if out is not None and out.dtype == torch.float64:
+        acc = torch.float64
+    per_example = g.reshape(B, math.prod(g.shape[1:-1]), p).sum(dim=1, dtype=acc)  # (B, p)
+    total = c.to(acc) @ per_example  # (p,): sum_i c_i sum_t g_it
+    add_noise_(total, noise_std=noise_std, seed=seed, scale=scale, impl=impl)
+    if out is None:
+        return total
+    if accumulate:
+        total += out.to(acc)
+    out.copy_(total)
+    return out
