@@ -1,0 +1,107 @@
+"""The registry of layer types the engine can clip, one file per type (as Opacus' grad samplers).
+
+A ``LayerSampler`` knows, for one module type, which of its parameters it clips and how to run the
+module's forward so that, in backward, the per-example gradient of each parameter is handed to the
+engine (as a :mod:`ghostdp.engine.grads` representation) instead of being summed by autograd.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ghostdp.engine.errors import UnsupportedModuleError
+
+class Recorder:
+    """Handed to a layer's forward. Its backward calls ``record(param, per_example_grad)`` per parameter.
+
+    ``anchor`` is a scalar that requires grad: layers pass their parameters into their autograd Function
+    detached and pass the anchor instead, so the output requires grad while autograd never reaches (or
+    accumulates into) a parameter. A parameter that still receives an autograd gradient is therefore
+    used outside a clipped layer, and the engine refuses it.
+    """
+
+    def __init__(self, record: Callable, anchor: torch.Tensor):
+        self._record, self.anchor = record, anchor
+
+    def __call__(self, param: nn.Parameter, grad) -> None:
+        self._record(param, grad)
+
+
+class LayerSampler:
+    """How one module type is clipped. Subclasses set ``param_names`` and implement ``forward``."""
+
+    param_names: tuple[str, ...] = ("weight", "bias")
+
+    def validate(self, module: nn.Module, qualname: str) -> None:
+        """Raise ``UnsupportedModuleError`` for configurations of this type that cannot be clipped."""
+
+    def forward(self, module: nn.Module, record: Recorder, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+
+_REGISTRY: dict[type, LayerSampler] = {}
+# Functions module -> sampler | None, for families matched by behaviour rather than by class (HF RMSNorms).
+_MATCHERS: list[Callable[[nn.Module], "LayerSampler | None"]] = []
+
+
+def register_layer(*module_types: type) -> Callable[[type[LayerSampler]], type[LayerSampler]]:
+    """Class decorator: ``@register_layer(nn.Linear)`` makes that sampler handle those exact types."""
+
+    def wrap(cls: type[LayerSampler]) -> type[LayerSampler]:
+        for t in module_types:
+            if t in _REGISTRY:
+                raise ValueError(f"{t.__qualname__} already has a sampler ({type(_REGISTRY[t]).__name__})")
+            _REGISTRY[t] = cls()
+        return cls
+
+    return wrap
+
+
+def register_matcher(fn: Callable[[nn.Module], "LayerSampler | None"]):
+    """Register a function that claims modules by behaviour (it must be exact about what it accepts)."""
+    _MATCHERS.append(fn)
+    return fn
+
+
+def supported_types() -> list[str]:
+    names = sorted(f"{t.__module__}.{t.__qualname__}" for t in _REGISTRY)
+    return names + ["Hugging Face *RMSNorm classes with the Llama forward", "PEFT LoRA Linear (A and B)"]
+
+
+def sampler_for(module: nn.Module) -> LayerSampler | None:
+    """The sampler registered for ``type(module)``, or for a base class if the subclass keeps its forward.
+
+    A subclass that overrides ``forward`` may use its parameters differently, so it is not matched.
+    """
+    cls = type(module)
+    if cls in _REGISTRY:
+        return _REGISTRY[cls]
+    for base in cls.__mro__[1:]:
+        if base in _REGISTRY and cls.forward is base.forward:
+            return _REGISTRY[base]
+    for match in _MATCHERS:
+        sampler = match(module)
+        if sampler is not None:
+            return sampler
+    return None
+
+
+def unsupported_error(param_name: str, module_name: str, module: nn.Module, reason: str | None = None) -> UnsupportedModuleError:
+    why = reason or (
+        f"ghostdp has no per-example gradient rule for {type(module).__qualname__}"
+    )
+    return UnsupportedModuleError(
+        f"Trainable parameter '{param_name}' in module '{module_name or '<root>'}' "
+        f"({type(module).__qualname__}) cannot be clipped per example: {why}. Training it would add an "
+        "unclipped gradient and break the differential-privacy guarantee. Ways out: freeze it "
+        "(param.requires_grad_(False)); replace the module with a supported one; or register a sampler "
+        "with ghostdp.engine.layers.register_layer. Supported types: " + ", ".join(supported_types())
+    )
+
+
+def iter_owned_trainable(module: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+    for name, p in module._parameters.items():
+        if p is not None and p.requires_grad:
+            yield name, p

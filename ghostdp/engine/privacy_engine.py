@@ -1,0 +1,290 @@
+"""PrivacyEngine: DP-SGD on an existing model and optimizer, in one backward pass.
+
+One step, as data flows (DESIGN.md):
+1. Every clipped layer's forward runs through an autograd Function whose backward returns the input
+   gradient only and hands the engine each parameter's per-example gradient in factored or dense form
+   (``ghostdp.engine.grads``). Autograd never forms an unclipped parameter gradient.
+2. At the end of that backward (an autograd-engine callback), the engine sums per-example squared norms
+   over all trainable parameters in fp32 (float64 for float64 models), with the cross terms of parameters
+   used more than once (tied embeddings), forms ``c_i = min(1, C / (||g_i|| + 1e-6))`` and adds
+   ``sum_i c_i G_i`` into ``param.grad`` (book-keeping: no second backward).
+3. ``optimizer.step()`` (the same object) first replaces each gradient by
+   ``(sum of clipped per-example gradients + N(0, sigma^2 C^2 I)) / expected_batch_size``, noise drawn once,
+   in fp32 at least, then runs the inner step; the accountant counts one step.
+
+``loss_reduction="mean"`` means the loss handed to backward is ``(1/b) sum_i L_i`` over the b examples of
+the physical batch: the engine multiplies by b to recover each ``g_i = grad L_i``. Each ``L_i`` must
+depend on example i alone (e.g. the mean over its own target tokens), never on a batch token count.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ghostdp.engine.errors import BatchMismatchError, UnsupportedModuleError
+from ghostdp.engine.grads import Dense, Factored, PerExampleGrad, compute_dtype, summed_norm2
+from ghostdp.engine.layers import sampler_for
+from ghostdp.engine.layers.lora import check_peft_model
+from ghostdp.engine.layers.registry import Recorder, unsupported_error
+
+log = logging.getLogger(__name__)
+
+Clipping = Literal["auto", "ghost", "per_sample"]
+CLIP_EPS = 1e-6
+
+
+@dataclass
+class _BackwardContext:
+    """What one backward pass (one physical batch) records: the per-example gradients of each use."""
+
+    uses: dict[nn.Parameter, list[PerExampleGrad]] = field(default_factory=dict)
+    batch_size: int | None = None
+    finalize_queued: bool = False
+
+
+def _norm_method(grad: PerExampleGrad, clipping: Clipping) -> str:
+    """Per-use norm rule. ``auto`` compares per-example FLOPs: Gram route T²(p+d) vs instantiation T·p·d."""
+    if clipping == "ghost":
+        return "ghost"
+    if clipping == "per_sample" or not isinstance(grad, Factored):
+        return "instantiate"
+    T = grad.U.shape[1]
+    p, d = grad.shape
+    return "ghost" if T * (p + d) < p * d else "instantiate"
+
+
+class PrivacyEngine:
+    """Attach DP-SGD to ``model`` and ``optimizer`` (both keep being used as before).
+
+    Args:
+        model: any ``nn.Module`` whose trainable parameters all sit in supported layers (``nn.Linear``,
+            ``nn.Embedding``, ``nn.LayerNorm``, RMSNorm, PEFT LoRA); others raise ``UnsupportedModuleError``.
+        optimizer: the optimizer over (a subset of) the model's trainable parameters.
+        max_grad_norm: C, the per-example clipping bound on the norm over all trainable parameters.
+        expected_batch_size: the public constant q·N the summed gradient is divided by.
+        noise_multiplier: sigma; the noise std is sigma·C. 0 gives no noise (and no privacy).
+        loss_reduction: "mean" if the loss is the mean of per-example losses over the physical batch,
+            "sum" if it is their sum.
+        clipping: "ghost" (Gram-matrix norms), "per_sample" (instantiated per-example gradients) or
+            "auto" (per layer, the cheaper of the two).
+        sample_rate: Poisson sampling rate q, needed for ``epsilon``.
+        generator: RNG for the noise; by default one seeded from the OS entropy pool.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        noise_multiplier: float,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        clipping: Clipping = "auto",
+        sample_rate: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive finite number (the clipping bound C), got {max_grad_norm!r}")
+        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, (int, float)) or expected_batch_size <= 0:
+            raise ValueError(
+                f"expected_batch_size must be positive (sample_rate * dataset size), got {expected_batch_size!r}"
+            )
+        if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be >= 0 (0 disables noise), got {noise_multiplier!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if clipping not in ("auto", "ghost", "per_sample"):
+            raise ValueError(f"clipping must be 'auto', 'ghost' or 'per_sample', got {clipping!r}")
+        if sample_rate is not None and not (0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+
+        self.model, self.optimizer = model, optimizer
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = float(expected_batch_size)
+        self.noise_multiplier = float(noise_multiplier)
+        self.loss_reduction = loss_reduction
+        self.clipping: Clipping = clipping
+        self.sample_rate = sample_rate
+        self.generator = generator
+        self.per_sample_norms: torch.Tensor | None = None
+        self.steps = 0
+        from ghostdp.engine.accounting import PrivacyAccountant
+
+        self.accountant = PrivacyAccountant()
+        self._ctx = _BackwardContext()
+        self._recorder = Recorder(self._record, torch.zeros((), requires_grad=True))
+        self._patched: list[nn.Module] = []
+        self._handles: list = []
+        self._attach()
+
+    # ------------------------------------------------------------------ attach / detach
+    def _attach(self) -> None:
+        check_peft_model(self.model)
+        trainable: dict[nn.Parameter, str] = {}
+        to_patch: dict[int, tuple[nn.Module, object]] = {}
+        for mname, module in self.model.named_modules(remove_duplicate=False):
+            owned = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
+            if not owned:
+                continue
+            sampler = sampler_for(module)
+            qual = lambda n: f"{mname}.{n}" if mname else n  # noqa: E731
+            if sampler is None:
+                raise unsupported_error(qual(owned[0][0]), mname, module)
+            for n, p in owned:
+                if n not in sampler.param_names:
+                    raise unsupported_error(qual(n), mname, module, f"the {type(sampler).__name__} rule does not cover '{n}'")
+                trainable.setdefault(p, qual(n))
+            sampler.validate(module, mname)
+            to_patch[id(module)] = (module, sampler)
+
+        extra = [
+            p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad and p not in trainable
+        ]
+        if extra:
+            raise UnsupportedModuleError(
+                f"The optimizer holds {len(extra)} trainable parameter(s) (first shape {tuple(extra[0].shape)}) that "
+                "are not parameters of the model's supported layers; their gradients would not be clipped. Pass "
+                "the optimizer only model.parameters(), or freeze those parameters."
+            )
+        self._names = trainable
+        for module, sampler in to_patch.values():
+            if "forward" in module.__dict__:
+                raise RuntimeError(
+                    f"Module {type(module).__name__} already has a patched forward (another PrivacyEngine "
+                    "attached?). Call detach() on the other engine first."
+                )
+            module.forward = partial(self._dp_forward, module, sampler)
+            self._patched.append(module)
+        for p, name in trainable.items():
+            self._handles.append(p.register_post_accumulate_grad_hook(partial(self._untracked_gradient, name)))
+        self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
+        log.info(
+            "ghostdp attached: %d trainable tensors (%d elements) in %d layers, clipping=%s",
+            len(trainable), sum(p.numel() for p in trainable), len(self._patched), self.clipping,
+        )
+
+    def detach(self) -> None:
+        """Restore the model's forwards and the optimizer; the engine stops clipping."""
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
+        for h in self._handles:
+            h.remove()
+        self._patched, self._handles = [], []
+
+    def _dp_forward(self, module: nn.Module, sampler, *args, **kwargs):
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters(recurse=False)):
+            return type(module).forward(module, *args, **kwargs)
+        return sampler.forward(module, self._recorder, *args, **kwargs)
+
+    @staticmethod
+    def _untracked_gradient(name: str, param: torch.Tensor) -> None:
+        raise UnsupportedModuleError(
+            f"Parameter '{name}' received a gradient from autograd, so it is used outside the forward of the "
+            "layer ghostdp clips (e.g. functionally, `x @ module.weight`). That gradient would be unclipped and "
+            "break the DP guarantee. Use the module itself, or freeze the parameter."
+        )
+
+    # ------------------------------------------------------------------ backward book-keeping
+    def _record(self, param: nn.Parameter, grad: PerExampleGrad) -> None:
+        """Called from layers' backward with one use's per-example gradient of ``param``."""
+        ctx = self._ctx
+        if ctx.batch_size is None:
+            ctx.batch_size = grad.batch
+        elif grad.batch != ctx.batch_size:
+            raise BatchMismatchError(
+                f"Layers saw batch sizes {ctx.batch_size} and {grad.batch} in one backward pass. ghostdp needs "
+                "dim 0 to be the batch for every clipped layer, and one physical batch per backward."
+            )
+        if self.clipping != "ghost" and grad.dense_elements <= grad.kept_elements:
+            grad = Dense(grad.dense())  # smaller than its factors: keep per-example gradients (LoRA, r < T)
+        ctx.uses.setdefault(param, []).append(grad)
+        if not ctx.finalize_queued:
+            ctx.finalize_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+
+    def _finalize(self) -> None:
+        """End of one backward: per-example norms, clip factors, clipped sums into param.grad."""
+        ctx, self._ctx = self._ctx, _BackwardContext()
+        if not ctx.uses:
+            return
+        B = ctx.batch_size
+        scale = float(B) if self.loss_reduction == "mean" else 1.0
+        all_uses = [u for uses in ctx.uses.values() for u in uses]
+        dtype = torch.float64 if any(compute_dtype(p) == torch.float64 for p in ctx.uses) else torch.float32
+        device = all_uses[0].device()
+        norm2 = torch.zeros(B, dtype=dtype, device=device)
+        shared = self.clipping == "per_sample"
+        for uses in ctx.uses.values():
+            norm2 += summed_norm2(uses, _norm_method(uses[0], self.clipping), shared).to(device, dtype)
+        norms = norm2.sqrt() * scale
+        factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
+        for p, uses in ctx.uses.items():
+            total = uses[0].clipped_sum(factors.to(uses[0].device()))
+            for u in uses[1:]:
+                total = total + u.clipped_sum(factors.to(u.device()))
+            total = total.view_as(p)
+            if p.grad is None:
+                p.grad = total.to(p.dtype)
+            else:
+                p.grad.add_(total.to(p.dtype))
+        self.per_sample_norms = norms
+
+    # ------------------------------------------------------------------ optimizer step
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        return self.generator
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                g = torch.zeros(p.shape, dtype=dtype, device=p.device) if p.grad is None else p.grad.to(dtype)
+                if std > 0:
+                    gen = self._noise_generator(p.device)
+                    z = torch.randn(p.shape, generator=gen, dtype=dtype, device=gen.device)
+                    g = g + std * z.to(p.device)
+                p.grad = (g / self.expected_batch_size).to(p.dtype)
+        self.steps += 1
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate or 1.0)
+
+    # ------------------------------------------------------------------ accounting and state
+    def epsilon(self, delta: float, accountant: Literal["prv", "rdp"] = "prv") -> float:
+        """Privacy spent so far, as the upper bound on epsilon at ``delta`` (needs ``sample_rate``)."""
+        if self.sample_rate is None:
+            raise ValueError(
+                "epsilon needs the Poisson sampling rate: pass sample_rate= to PrivacyEngine (the rate your "
+                "PoissonBatchSampler uses, expected_batch_size / dataset size)."
+            )
+        if self.steps == 0:
+            return 0.0
+        return self.accountant.epsilon(delta, accountant=accountant)
+
+    def state_dict(self) -> dict:
+        gen = self.generator
+        return {
+            "steps": self.steps,
+            "accountant": self.accountant.state_dict(),
+            "generator_state": None if gen is None else gen.get_state(),
+            "generator_device": None if gen is None else str(gen.device),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.accountant.load_state_dict(state["accountant"])
+        if state.get("generator_state") is not None:
+            gen = torch.Generator(device=state["generator_device"])
+            gen.set_state(state["generator_state"])
+            self.generator = gen
