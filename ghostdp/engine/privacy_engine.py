@@ -76,6 +76,11 @@ class PrivacyEngine:
             "auto" (per layer, the cheaper of the two).
         sample_rate: Poisson sampling rate q, needed for ``epsilon``.
         generator: RNG for the noise; by default one seeded from the OS entropy pool.
+        distributed: data-parallel over an initialised ``torch.distributed`` group (default: whenever one
+            with more than one rank is initialised). Each rank clips its own examples; at ``step()`` rank 0
+            adds the noise to its clipped sum and the sums are all-reduced, so the noise enters exactly
+            once. ``expected_batch_size`` and ``sample_rate`` are then the global ones. Do not wrap the
+            model in ``DistributedDataParallel``: its gradient hooks never fire, ghostdp reduces itself.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class PrivacyEngine:
         clipping: Clipping = "auto",
         sample_rate: float | None = None,
         generator: torch.Generator | None = None,
+        distributed: bool | None = None,
     ):
         if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive finite number (the clipping bound C), got {max_grad_norm!r}")
@@ -114,6 +120,7 @@ class PrivacyEngine:
         self.clipping: Clipping = clipping
         self.sample_rate = sample_rate
         self.generator = generator
+        self.distributed = distributed
         self.per_sample_norms: torch.Tensor | None = None
         self.steps = 0
         from ghostdp.engine.accounting import PrivacyAccountant
@@ -127,6 +134,12 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self) -> None:
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            raise TypeError(
+                "Pass the bare model, not a DistributedDataParallel wrapper: DDP reduces gradients in hooks that "
+                "never fire under ghostdp (autograd does not form unclipped parameter gradients). ghostdp "
+                "all-reduces the clipped sums itself and adds the noise once (distributed=True)."
+            )
         check_peft_model(self.model)
         trainable: dict[nn.Parameter, str] = {}
         to_patch: dict[int, tuple[nn.Module, object]] = {}
@@ -244,21 +257,37 @@ class PrivacyEngine:
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         return self.generator
 
+    def _world_size(self) -> int:
+        import torch.distributed as dist
+
+        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed and not active:
+            raise RuntimeError("distributed=True but no torch.distributed process group with >1 rank is initialised")
+        return dist.get_world_size() if active and self.distributed is not False else 1
+
     def _before_step(self, optimizer, args, kwargs) -> None:
+        """grad = (clipped sum [all-reduced] + N(0, sigma^2 C^2 I), once) / expected_batch_size, in fp32+."""
+        import torch.distributed as dist
+
         std = self.noise_multiplier * self.max_grad_norm
+        world = self._world_size()
+        noise_here = std > 0 and (world == 1 or dist.get_rank() == 0)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
                 g = torch.zeros(p.shape, dtype=dtype, device=p.device) if p.grad is None else p.grad.to(dtype)
-                if std > 0:
+                if noise_here:
                     gen = self._noise_generator(p.device)
                     z = torch.randn(p.shape, generator=gen, dtype=dtype, device=gen.device)
                     g = g + std * z.to(p.device)
+                if world > 1:
+                    dist.all_reduce(g)
                 p.grad = (g / self.expected_batch_size).to(p.dtype)
         self.steps += 1
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate or 1.0)
+        if self.sample_rate is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     # ------------------------------------------------------------------ accounting and state
     def epsilon(self, delta: float, accountant: Literal["prv", "rdp"] = "prv") -> float:
