@@ -158,9 +158,9 @@ class MemorizationReport:
     """Per-sample figures (tuples aligned with the synthetic texts), summary figures and worst cases.
 
     ``summary`` keys: ``n_synthetic``, ``n_private``, ``ngram_max``, ``ngram_mean``, ``ngram_median``,
-    ``frac_ngram_ge_{k}`` for each threshold, ``verbatim_copies`` (samples whose every word run is found
-    in one private text, i.e. longest match = own length > 0), and with embeddings ``cosine_max``,
-    ``cosine_mean``, ``frac_cosine_ge_0.95``.
+    ``frac_ngram_ge_{k}`` for each threshold, ``verbatim_copies`` (samples of at least
+    ``verbatim_min_words`` words found whole inside one private text, i.e. longest match = own length),
+    and with embeddings ``cosine_max``, ``cosine_mean``, ``frac_cosine_ge_0.95``.
     """
 
     ngram_lengths: tuple[int, ...]
@@ -188,9 +188,14 @@ def memorization_report(
     private_embeddings: np.ndarray | None = None,
     top_k: int = 10,
     ngram_thresholds: Sequence[int] = (5, 8, 12),
+    verbatim_min_words: int = 4,
     show_progress: bool = True,
 ) -> MemorizationReport:
-    """Run both checks (the cosine one only when both embedding arrays are given)."""
+    """Run both checks (the cosine one only when both embedding arrays are given).
+
+    ``verbatim_min_words``: a sample counts as a verbatim copy only from this many words on; a one-word
+    sample ("good") found in some private text is not evidence of memorisation.
+    """
     if (synthetic_embeddings is None) != (private_embeddings is None):
         raise ValueError(
             "memorization_report: pass both synthetic_embeddings and private_embeddings, or neither."
@@ -227,7 +232,8 @@ def memorization_report(
         "ngram_max": int(arr.max()) if arr.size else 0,
         "ngram_mean": float(arr.mean()) if arr.size else 0.0,
         "ngram_median": float(np.median(arr)) if arr.size else 0.0,
-        "verbatim_copies": int(np.sum((arr == own) & (own > 0))),
+        "verbatim_copies": int(np.sum((arr == own) & (own >= max(1, verbatim_min_words)))),
+        "verbatim_min_words": int(verbatim_min_words),
     }
     for k in ngram_thresholds:
         summary[f"frac_ngram_ge_{k}"] = float(np.mean(arr >= k)) if arr.size else 0.0

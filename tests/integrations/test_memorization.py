@@ -86,9 +86,13 @@ def test_planted_verbatim_copy_is_found():
 
 
 def test_report_without_embeddings_and_argument_checks():
-    report = memorization_report(["hide new secretions"], PRIVATE, show_progress=False)
+    synthetic = ["hide new secretions from", "the film", "hide new secretions from here"]
+    report = memorization_report(synthetic, PRIVATE, show_progress=False)
     assert report.nearest_cosine is None and report.top_by_cosine == ()
-    assert report.summary["verbatim_copies"] == 1  # a fragment copied whole is a verbatim copy too
+    assert report.ngram_lengths == (4, 2, 4)
+    # A fragment copied whole is a verbatim copy; a 2-word one is too short to count (min 4 words).
+    assert report.summary["verbatim_copies"] == 1
+    assert memorization_report(synthetic, PRIVATE, verbatim_min_words=2, show_progress=False).summary["verbatim_copies"] == 2
     with pytest.raises(ValueError, match="both"):
         memorization_report(["x"], PRIVATE, synthetic_embeddings=np.zeros((1, 3)))
     with pytest.raises(ValueError, match="one row per text"):
