@@ -11,6 +11,8 @@ with ``torch.sum``: deterministic (no atomics), and the partials buffer is tiny 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -142,8 +144,12 @@ def instantiated_norm2_triton(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return partial.sum(dim=1)
 
 
+@functools.lru_cache(maxsize=64)
 def tile_pairs(n_tiles: int, device: torch.device) -> torch.Tensor:
-    """The (u, v), u <= v, pairs of ``n_tiles`` tiles, as an int32 (n_pairs, 2) tensor."""
+    """The (u, v), u <= v, pairs of ``n_tiles`` tiles, as an int32 (n_pairs, 2) tensor.
+
+    Cached per (n_tiles, device): a layer's T rarely changes, and the copy to the GPU is not free.
+    """
     u, v = torch.triu_indices(n_tiles, n_tiles)
     return torch.stack([u, v], dim=1).to(dtype=torch.int32, device=device).contiguous()
 

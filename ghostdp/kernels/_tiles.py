@@ -48,5 +48,10 @@ def ghost_tile_rows(T: int) -> int:
 
 
 def clipped_sum_blocks(T: int, d: int, p: int) -> Blocks:
-    """Output tiles of sum_i c_i g_i^T a_i; the same shape rule as the instantiated norm."""
-    return instantiated_blocks(T, d, p)
+    """Output tiles of sum_i c_i g_i^T a_i: up to 128 x 64, T consumed 32 rows at a time.
+
+    Half the instantiated kernel's tile: each program holds two fp32 accumulators (g_i^T a_i and
+    the running sum), and 2 x 128 x 64 fp32 over 8 warps is 64 registers a thread.
+    """
+    rows, cols = pow2_block(p, 128), pow2_block(d, 64)
+    return Blocks(rows, cols, pow2_block(T, 32), 8 if rows * cols >= 128 * 64 else 4)
