@@ -404,3 +404,22 @@ def test_ledger_state_dict_round_trip():
 def test_accounting_does_not_import_torch():
     code = "import sys, ghostdp.accounting, ghostdp.engine.accounting; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_too_many_distinct_mechanisms_fall_back_to_rdp(monkeypatch, caplog):
+    monkeypatch.setattr(impl, "MAX_PRV_MECHANISMS", 2)
+    ledger = acc.PrivacyAccountant()
+    for sigma in (1.0, 1.1, 1.2):
+        ledger.step(sigma, 0.01, num_steps=100)
+    with caplog.at_level(logging.WARNING, logger="ghostdp.engine.accounting"):
+        eps = ledger.epsilon(DELTA)
+    assert eps == ledger.epsilon(DELTA, accountant="rdp")
+    assert "distinct" in caplog.records[-1].getMessage()
+
+
+def test_public_contract_through_the_package():
+    import ghostdp
+
+    eps = ghostdp.accounting.epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=DELTA, accountant="rdp")
+    assert eps == acc.epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=DELTA, accountant="rdp") > 0
+    assert ghostdp.accounting.PrivacyAccountant is impl.PrivacyAccountant

@@ -153,3 +153,10 @@ def test_generator_must_be_a_torch_generator():
 
     with pytest.raises(TypeError, match="torch.Generator"):
         PoissonBatchSampler(100, 0.1, generator=np.random.default_rng(0))
+
+
+def test_public_contract_through_the_package():
+    import ghostdp
+
+    sampler = ghostdp.data.PoissonBatchSampler(100, 0.1, torch.Generator().manual_seed(0))  # positional generator
+    assert isinstance(sampler, PoissonBatchSampler) and len(list(sampler)) == 10

@@ -35,9 +35,10 @@ Fallback. prv-accountant 0.2.0 fails in some corners: large epsilon, tiny sigma,
 steps (it raises "Discrete mean differs from continuous mean significantly" or "Cannot compute
 epsilon", returns nan/inf, or needs a grid of 10^8+ points). A training run must not crash on its
 accountant, so every such case -- an exception, a non-finite or inconsistent triple, a grid over
-budget, or an eps_up below the exact one-step epsilon (a rigorous lower bound on any composition that
-contains that step) -- is caught, logged as a WARNING, and answered with the RDP bound, which is a valid
-(looser) upper bound. We never return a value below the true epsilon on purpose.
+budget, more than ``MAX_PRV_MECHANISMS`` distinct (sigma, q) pairs, or an eps_up below the exact
+one-step epsilon (a rigorous lower bound on any composition that contains that step) -- is caught,
+logged as a WARNING, and answered with the RDP bound, which is a valid (looser) upper bound. We never
+return a value below the true epsilon on purpose.
 
 This module must not import torch: accounting runs in tools and CI without it.
 """
@@ -58,6 +59,7 @@ __all__ = [
     "AccountantName",
     "DEFAULT_RDP_ORDERS",
     "MAX_PRV_GRID_POINTS",
+    "MAX_PRV_MECHANISMS",
     "PrivacyAccountant",
     "calibrate_noise_multiplier",
     "compute_rdp",
@@ -82,6 +84,9 @@ DEFAULT_RDP_ORDERS: tuple[float, ...] = tuple(
 # prv-accountant costs ~3-4 microseconds per grid point (build + FFT composition, long doubles), so
 # 2^21 points is a few seconds. Calibration calls it ~15 times, usually on much smaller grids.
 MAX_PRV_GRID_POINTS = 2**21
+# Heterogeneous composition discretises every distinct (sigma, q) pair on that grid and convolves them
+# pairwise; a schedule with more distinct pairs than this is accounted with RDP (with a warning).
+MAX_PRV_MECHANISMS = 32
 _PRV_REL_EPS_ERROR = 0.01  # eps_error ~ 1-2 % of the answer
 _PRV_MAX_REL_EPS_ERROR = 0.1  # beyond this the PRV bound is not worth it: fall back to RDP
 _PRV_MIN_EPS_SCALE = 0.125  # below this eps_error stays at 0.01 / 8 (grid cost grows as 1 / eps_error)
@@ -411,6 +416,11 @@ def _prv_epsilon(segments: Sequence[Segment], curves: Sequence[np.ndarray], delt
         else PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=s)
         for s, q, _ in segments
     ]
+    if len(segments) > MAX_PRV_MECHANISMS:
+        raise _PRVFailure(
+            f"{len(segments)} distinct (noise_multiplier, sample_rate) pairs; prv-accountant discretises each on "
+            f"the full grid, so more than {MAX_PRV_MECHANISMS} is too slow"
+        )
     counts = [n for _, _, n in segments]
     total = sum(counts)
     delta_error = delta * _PRV_DELTA_ERROR_FACTOR
@@ -591,6 +601,7 @@ class PrivacyAccountant:
 
     def __init__(self) -> None:
         self._history: list[list] = []  # [[sigma, q, steps], ...]
+        self._memo: tuple[tuple, float] | None = None  # last (key, epsilon): logging every step stays cheap
 
     def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
         """Record ``num_steps`` steps with noise multiplier sigma and Poisson rate q."""
@@ -616,7 +627,10 @@ class PrivacyAccountant:
         """Upper bound on epsilon at ``delta`` for everything recorded so far (0 before any step)."""
         delta = _check_delta(delta)
         _check_accountant(accountant)
-        return _epsilon_of_segments(self.history, delta, accountant)
+        key = (tuple(self.history), delta, accountant)
+        if self._memo is None or self._memo[0] != key:
+            self._memo = (key, _epsilon_of_segments(self.history, delta, accountant))
+        return self._memo[1]
 
     def state_dict(self) -> dict:
         return {"version": self._STATE_VERSION, "history": [[s, q, n] for s, q, n in self._history]}
