@@ -245,23 +245,30 @@ def _markdown(env: dict, rows: list[dict]) -> str:
         "# ghostdp kernel benchmarks",
         "",
         f"Device: {env['device']}; torch {env['torch']}; triton {env['triton']}; commit "
-        f"{env['commit']}; inputs {env['dtype']}; median of {env['rounds']} rounds; {env['date']}.",
+        f"{env['commit']}; inputs {env['dtype']}; {env['rounds']} rounds; {env['date']}.",
         "",
-        "`vs gemm`: time over the non-private weight-gradient GEMM of the same case. Peak extra: "
-        "CUDA memory above the inputs during the call; model extra: the cost model's scratch bytes.",
+        *([] if CUDA else [
+            "CPU run: PyTorch twins and baselines only, at toy shapes, on whatever else the machine "
+            "is running; it checks the harness and is not a measurement to quote.", ""]),
+        "`vs gemm`: min time over the min time of the non-private weight-gradient GEMM of the same "
+        "case (min: least disturbed by other processes). Peak extra: CUDA memory above the inputs "
+        "during the call; model extra: the cost model's scratch bytes.",
         "",
-        "| group | B | T | d | p | variant | median ms | vs gemm | peak extra | model extra |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| group | B | T | d | p | variant | median ms | min ms | vs gemm | peak extra | model extra |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    gemm = {(r["B"], r["T"], r["d"], r["p"]): r["median_ms"] for r in rows
+    gemm = {(r["B"], r["T"], r["d"], r["p"]): r["min_ms"] for r in rows
             if r["variant"] == "gemm-nonprivate"}
+
+    def ms(v: float | None) -> str:
+        return f"{v:.3f}" if v is not None else "-"
+
     for r in rows:
         ref = gemm.get((r["B"], r["T"], r["d"], r["p"]))
-        ratio = f"{r['median_ms'] / ref:.2f}x" if ref and r["median_ms"] else "-"
-        median = f"{r['median_ms']:.3f}" if r["median_ms"] is not None else "-"
+        ratio = f"{r['min_ms'] / ref:.2f}x" if ref and r["min_ms"] else "-"
         lines.append(f"| {r['group']} | {r['B']} | {r['T']} | {r['d']} | {r['p']} | {r['variant']} "
-                     f"| {median} | {ratio} | {_fmt_bytes(r['peak_extra_bytes'])} "
-                     f"| {_fmt_bytes(r['model_extra_bytes'])} |")
+                     f"| {ms(r['median_ms'])} | {ms(r['min_ms'])} | {ratio} "
+                     f"| {_fmt_bytes(r['peak_extra_bytes'])} | {_fmt_bytes(r['model_extra_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 

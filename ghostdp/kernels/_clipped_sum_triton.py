@@ -19,6 +19,8 @@ by the same element index, so the seed fixes z whatever the split.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +29,8 @@ from ghostdp.kernels._linear_norms_triton import dot_config, mma
 from ghostdp.kernels._noise_triton import philox_normal
 from ghostdp.kernels._tiles import clipped_sum_blocks
 from ghostdp.kernels.dispatch import check_kernel_mode
+
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -138,6 +142,8 @@ def linear_clipped_sum_triton(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
     n_tiles = triton.cdiv(p, blocks.rows) * n_tiles_d
     n_splits = choose_splits(n_tiles, B, a.device) if splits is None else max(1, min(splits, max(B, 1)))
     per_split = triton.cdiv(B, n_splits) if B else 0
+    logger.debug("linear_clipped_sum: (p, d) = (%d, %d), %d tiles of %s, %d split(s) of %d examples",
+                 p, d, n_tiles, blocks, n_splits, per_split)
     flags = dict(HAS_NOISE=noise_std > 0, ACCUMULATE=accumulate,
                  OUT_FP64=out.dtype == torch.float64)
     seed = int(seed)

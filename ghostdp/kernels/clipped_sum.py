@@ -16,7 +16,6 @@ registers (Philox, see :mod:`ghostdp.kernels.noise`) and writes or accumulates s
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -24,13 +23,10 @@ import torch
 from ghostdp.kernels.dispatch import (
     TWIN_DTYPES,
     accumulation_dtype,
-    check_same_device,
     resolve_impl,
 )
 from ghostdp.kernels.linear_norms import TWIN_BLOCK_BYTES, as_linear_inputs
 from ghostdp.kernels.noise import add_noise_, check_noise_args, randn_twin
-
-logger = logging.getLogger(__name__)
 
 
 def _check_clip_factors(c: torch.Tensor, B: int, device: torch.device, op: str) -> None:
@@ -166,7 +162,6 @@ def bias_clipped_sum(g: torch.Tensor, c: torch.Tensor, *, out: torch.Tensor | No
     B, p = g.shape[0], g.shape[-1]
     _check_clip_factors(c, B, g.device, op)
     _check_out(out, (p,), g.device, op)
-    check_same_device(g, c, op=op)
     seed = check_noise_args(noise_std, scale, seed, op)
     acc = accumulation_dtype(g.dtype)
     if out is not None and out.dtype == torch.float64:

@@ -79,6 +79,10 @@ def resolve_impl(impl: str, *tensors: torch.Tensor, op: str,
     if impl == "auto":
         if on_cuda and dtypes_ok and triton_available() and not interpreter_enabled():
             return "triton"
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s(impl='auto'): PyTorch twin (cuda=%s, kernel dtypes=%s, triton=%s, "
+                         "interpreter=%s)", op, on_cuda, dtypes_ok, triton_available(),
+                         interpreter_enabled())
         return "torch"
     # impl == "triton": run the kernel or explain why it cannot run.
     if not triton_available():

@@ -58,6 +58,8 @@ def as_linear_inputs(a: torch.Tensor, g: torch.Tensor, op: str) -> tuple[torch.T
                          "Pass the layer's input and the gradient of its output for the same batch.")
     check_same_device(a, g, op=op)
     dtype = common_float_dtype(a, g, op=op)
+    if a.dtype != g.dtype:
+        logger.debug("%s: promoting a (%s) and g (%s) to %s", op, a.dtype, g.dtype, dtype)
     B, T = a.shape[0], math.prod(a.shape[1:-1])
     a3 = a.reshape(B, T, a.shape[-1]).to(dtype)  # (B, T, d)
     g3 = g.reshape(B, T, g.shape[-1]).to(dtype)  # (B, T, p)

@@ -68,7 +68,10 @@ def check_noise_args(noise_std: float, scale: float, seed: int | None, op: str) 
         raise ValueError(f"{op}: scale must be a finite number, got {scale!r} (e.g. 1 / (q N), "
                          "the inverse expected batch size).")
     if seed is None:
-        return fresh_seed() if noise_std > 0 else None
+        if noise_std == 0:
+            return None
+        logger.debug("%s: drew a fresh secret noise seed (not logged)", op)
+        return fresh_seed()
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**SEED_BITS:
         raise ValueError(f"{op}: seed must be an int in [0, 2**{SEED_BITS}), got {seed!r}. Derive "
                          "one with ghostdp.kernels.noise_seed(base_seed, step, param_index), or "
