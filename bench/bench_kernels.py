@@ -209,8 +209,13 @@ def test_clip_and_noise(benchmark, case, variant, record_results):
 
 def _environment() -> dict:
     try:
+        here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+                                text=True, cwd=here, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../ghostdp/kernels", "."],
+                               capture_output=True, text=True, cwd=here, check=True).stdout
+        if dirty.strip():
+            commit += "+uncommitted-changes"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     try:
