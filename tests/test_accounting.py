@@ -156,7 +156,9 @@ def test_prv_equals_prv_accountant_upper_bound(sigma, q, steps):
     eps_rdp = acc.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=DELTA, accountant="rdp")
     low, est, up = direct_prv_up([(sigma, q)], [steps], DELTA, eps_rdp)
     ours = acc.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=DELTA, accountant="prv")
-    assert ours == pytest.approx(up, rel=1e-9)
+    # Not bit-equal: we widen the domain a little so the FFT length is 5-smooth (speed); that only
+    # truncates less of the privacy-loss tail and moves the result by ~1e-9 relative.
+    assert ours == pytest.approx(up, rel=1e-7)
     assert low <= est <= ours
 
 
@@ -375,7 +377,7 @@ def test_ledger_heterogeneous_composition():
     # PRV: prv-accountant's heterogeneous composition called directly.
     up = direct_prv_up([a, b], [500, 50], DELTA, eps_rdp)[2]
     eps_prv = ledger.epsilon(DELTA, accountant="prv")
-    assert eps_prv == pytest.approx(up, rel=1e-9)
+    assert eps_prv == pytest.approx(up, rel=1e-7)
     assert eps_prv <= eps_rdp
 
     # Composition can only cost more than each of its parts.

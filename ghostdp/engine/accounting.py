@@ -403,6 +403,21 @@ def _prv_eps_error(eps_rdp: float) -> float:
     return _PRV_REL_EPS_ERROR * 2.0 ** math.ceil(math.log2(_prv_eps_scale(eps_rdp)))
 
 
+def _fft_friendly_half_width(half_width: float, eps_error: float, total: int, delta_error: float) -> float:
+    """Widen the domain [-L, L] a little so that the grid has a 5-smooth number of points.
+
+    prv-accountant builds 2 (ceil(L / dt) + 1) points (``Domain.create_aligned``) and composes them with
+    one real FFT; pocketfft on a length with a large prime factor is ~10x slower. A wider domain only
+    truncates less of the privacy loss distribution, so this costs no accuracy (mesh dt is unchanged).
+    """
+    from scipy.fft import next_fast_len
+
+    dt = eps_error / np.sqrt(total / 2 * np.log(12 / delta_error))  # the library's mesh, same expression
+    m = math.ceil(half_width / dt)
+    m_fast = next_fast_len(m + 1, real=True) - 1
+    return (m_fast - 0.5) * float(dt)
+
+
 class _PRVFailure(Exception):
     """prv-accountant could not give a trustworthy bound; the message says why."""
 
@@ -440,6 +455,7 @@ def _prv_epsilon(segments: Sequence[Segment], curves: Sequence[np.ndarray], delt
                 f"useful eps_error (domain half-width {half_width:.3g})"
             )
         half_width = _prv_domain_half_width(curves, counts, eps_error, delta_error)
+    half_width = _fft_friendly_half_width(half_width, eps_error, total, delta_error)
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")  # eps_max's "assuming" warning, overflow warnings inside the CDFs
