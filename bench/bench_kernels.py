@@ -212,7 +212,7 @@ def _environment() -> dict:
         here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=here, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../ghostdp/kernels", "."],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../ghostdp/kernels", "bench_kernels.py"],
                                capture_output=True, text=True, cwd=here, check=True).stdout
         if dirty.strip():
             commit += "+uncommitted-changes"
