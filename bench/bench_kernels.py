@@ -212,8 +212,9 @@ def _environment() -> dict:
         here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=here, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../ghostdp/kernels", "bench_kernels.py"],
-                               capture_output=True, text=True, cwd=here, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "../ghostdp/kernels", "bench_kernels.py"],
+            capture_output=True, text=True, cwd=here, check=True).stdout
         if dirty.strip():
             commit += "+uncommitted-changes"
     except (OSError, subprocess.CalledProcessError):
@@ -224,8 +225,9 @@ def _environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    cpu = platform.processor() or platform.machine()
     return {
-        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({cpu})",
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": commit,

@@ -140,10 +140,13 @@ def linear_clipped_sum_triton(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
     blocks = clipped_sum_blocks(T, d, p)
     n_tiles_d = triton.cdiv(d, blocks.cols)
     n_tiles = triton.cdiv(p, blocks.rows) * n_tiles_d
-    n_splits = choose_splits(n_tiles, B, a.device) if splits is None else max(1, min(splits, max(B, 1)))
+    if splits is None:
+        n_splits = choose_splits(n_tiles, B, a.device)
+    else:
+        n_splits = max(1, min(splits, max(B, 1)))
     per_split = triton.cdiv(B, n_splits) if B else 0
-    logger.debug("linear_clipped_sum: (p, d) = (%d, %d), %d tiles of %s, %d split(s) of %d examples",
-                 p, d, n_tiles, blocks, n_splits, per_split)
+    logger.debug("linear_clipped_sum: (p, d) = (%d, %d), %d tiles of %s, %d split(s) of %d "
+                 "examples", p, d, n_tiles, blocks, n_splits, per_split)
     flags = dict(HAS_NOISE=noise_std > 0, ACCUMULATE=accumulate,
                  OUT_FP64=out.dtype == torch.float64)
     seed = int(seed)
