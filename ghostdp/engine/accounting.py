@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -102,7 +103,7 @@ Segment = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
 # ---------------------------------------------------------------------------------------------- checks
 def _check_delta(delta: float) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0.0 < delta < 1.0):
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not (0.0 < delta < 1.0):
         raise ValueError(
             f"delta must be a probability in (0, 1), got {delta!r}. It is the chance the epsilon guarantee "
             f"fails; use something well below 1/dataset_size (e.g. 1e-5 for 60k examples)."
@@ -111,7 +112,7 @@ def _check_delta(delta: float) -> float:
 
 
 def _check_sample_rate(sample_rate: float) -> float:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not (0.0 < sample_rate <= 1.0):
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not (0.0 < sample_rate <= 1.0):
         raise ValueError(
             f"sample_rate must be in (0, 1], got {sample_rate!r}. It is the Poisson probability q that an "
             f"example is in a step's batch: expected_batch_size / dataset_size (not the batch size)."
@@ -122,7 +123,7 @@ def _check_sample_rate(sample_rate: float) -> float:
 def _check_noise_multiplier(noise_multiplier: float) -> float:
     if (
         isinstance(noise_multiplier, bool)
-        or not isinstance(noise_multiplier, (int, float))
+        or not isinstance(noise_multiplier, numbers.Real)
         or not (noise_multiplier >= 0.0)
         or math.isinf(noise_multiplier)
     ):
@@ -134,7 +135,7 @@ def _check_noise_multiplier(noise_multiplier: float) -> float:
 
 
 def _check_steps(steps: int, *, name: str = "steps", minimum: int = 0) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < minimum:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum} (a count of DP-SGD steps), got {steps!r}.")
     return int(steps)
 
@@ -545,7 +546,7 @@ def calibrate_noise_multiplier(
     """
     if (
         isinstance(target_epsilon, bool)
-        or not isinstance(target_epsilon, (int, float))
+        or not isinstance(target_epsilon, numbers.Real)
         or not (0.0 < target_epsilon < math.inf)
     ):
         raise ValueError(

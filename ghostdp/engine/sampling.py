@@ -11,6 +11,7 @@ expected batch size q * N, never by the realised size.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,13 +49,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
             raise ValueError(
                 f"num_samples must be a positive int, the size of the dataset being sampled, got {num_samples!r}."
             )
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0.0 < sample_rate <= 1.0:
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0.0 < sample_rate <= 1.0:
             hint = ""
-            if isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool) and sample_rate > 1:
+            if isinstance(sample_rate, numbers.Real) and not isinstance(sample_rate, bool) and sample_rate > 1:
                 hint = (
                     f" It looks like a batch size; the Poisson rate for an expected batch of {sample_rate:g} is "
                     f"sample_rate = {sample_rate:g} / num_samples = {sample_rate / num_samples:.6g}."
@@ -63,7 +64,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 f"sample_rate must be in (0, 1], got {sample_rate!r}: it is the probability q that each example "
                 f"is in a step's batch, and the accountant needs the same q.{hint}"
             )
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
             raise ValueError(
                 f"steps must be None (round(1 / sample_rate) batches per pass) or a positive int, got {steps!r}."
             )
@@ -73,9 +74,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 f"torch.Generator().manual_seed(0). (numpy RNGs are not supported: their state would not be "
                 f"in this sampler's state_dict.)"
             )
-        self.num_samples = num_samples
+        self.num_samples = int(num_samples)
         self.sample_rate = float(sample_rate)
-        self.steps = steps
+        self.steps = None if steps is None else int(steps)
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
