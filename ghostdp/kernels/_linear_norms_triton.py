@@ -131,8 +131,8 @@ def instantiated_norm2_triton(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     check_kernel_mode(_instantiated_norm2_kernel, a.device, "linear_norm2_instantiated")
     B, T, d = a.shape
     p = g.shape[2]
-    if B == 0:
-        return torch.zeros(0, dtype=torch.float32, device=a.device)
+    if B * T * d * p == 0:  # empty batch, sequence or layer: nothing to launch
+        return torch.zeros(B, dtype=torch.float32, device=a.device)
     blocks = instantiated_blocks(T, d, p)
     n_tiles_d = triton.cdiv(d, blocks.cols)
     n_tiles = triton.cdiv(p, blocks.rows) * n_tiles_d
@@ -159,8 +159,8 @@ def ghost_norm2_triton(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     check_kernel_mode(_ghost_norm2_kernel, a.device, "linear_norm2_ghost")
     B, T, d = a.shape
     p = g.shape[2]
-    if B == 0:
-        return torch.zeros(0, dtype=torch.float32, device=a.device)
+    if B * T * d * p == 0:  # empty batch, sequence or layer: nothing to launch
+        return torch.zeros(B, dtype=torch.float32, device=a.device)
     blocks = ghost_blocks(T, d, p)
     pairs = tile_pairs(triton.cdiv(T, blocks.rows), a.device)  # (n_pairs, 2)
     n_pairs = pairs.shape[0]

@@ -242,3 +242,12 @@ def test_gpu_lora_norms(cuda_device, r):
         for f in NORMS.values():
             assert_close_rel(f(a, g, impl="triton"), f(a, g, impl="torch"),
                              *tolerance(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 5, 3), (2, 4, 0, 3), (2, 4, 5, 0)], ids=_id)
+def test_empty_sequence_or_features_give_zero_norms(kernel_device, shape):
+    a, g = make_linear_inputs(*shape, torch.float32, device=kernel_device)
+    for method, f in NORMS.items():
+        for impl in ("triton", "torch"):
+            got = f(a, g, impl=impl)
+            assert got.shape == (2,) and not got.any(), (method, impl)
