@@ -34,7 +34,8 @@ def test_each_index_is_included_with_probability_q():
 
 def test_batch_sizes_are_binomial():
     n, q, steps = 200, 0.05, 4000
-    sizes = torch.tensor([len(b) for b in PoissonBatchSampler(n, q, generator=seeded(2), steps=steps)], dtype=torch.float64)
+    sampler = PoissonBatchSampler(n, q, generator=seeded(2), steps=steps)
+    sizes = torch.tensor([len(b) for b in sampler], dtype=torch.float64)
     mean, var = n * q, n * q * (1 - q)  # 10, 9.5
     assert abs(sizes.mean().item() - mean) < 5 * math.sqrt(var / steps)
     # sd of the sample variance ~ var * sqrt(2 / steps) (near-normal counts); five of them.
