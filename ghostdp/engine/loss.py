@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 
 def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(B,) per-example losses from logits (B, T, V) and labels (B, T) (shifted inside, as HF does)."""
+    """Per-example causal-LM loss, shape (B,), float32 (float64 for float64 logits).
+
+    ``loss_i = (1 / |S_i|) sum_{t in S_i} CE(logits[i, t - 1], labels[i, t])`` with
+    ``S_i = {t >= 1 : labels[i, t] != -100}``, and ``loss_i = 0`` when ``S_i`` is empty. Call the model
+    without ``labels`` (Hugging Face models average over the batch's tokens) and pass its logits here.
+    bf16/fp16 logits are upcast: a log-softmax over a large vocabulary loses precision in half precision.
+    """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
             f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} and {tuple(labels.shape)}"

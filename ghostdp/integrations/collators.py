@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
+from ghostdp.engine.loss import per_example_lm_loss  # noqa: F401  (re-exported: the loss these batches need)
 from ghostdp.integrations.prompts import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -172,35 +172,3 @@ class PrefixLMCollator:
             # as padding beyond n stays unscored while the EOS at n - 1 is scored.
             labels[i, e.n_prefix:n] = row[e.n_prefix:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example causal-LM loss, shape (B,), float32 (float64 for float64 logits).
-
-    loss_i = (1 / |S_i|) * sum_{t in S_i} CE(logits[i, t - 1], labels[i, t]),
-    S_i = {t >= 1 : labels[i, t] != -100}, and loss_i = 0 when S_i is empty.
-
-    Each example is averaged over its OWN target tokens. Averaging over all target tokens of the batch
-    (what Hugging Face models do when handed ``labels``) makes example i's weight depend on the other
-    examples' lengths, so one example changes the others' gradients and the per-example clipping bound
-    no longer bounds one person's influence (DESIGN.md; Opacus #792 counted ignore_index tokens in the
-    mean). So: call the model without ``labels`` and pass its logits here.
-
-    Computed in at least float32: bf16/fp16 logits are upcast (log-softmax over a large vocabulary loses
-    precision in half precision); float64 logits stay float64 (reference tests run in float64).
-    """
-    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"per_example_lm_loss: logits must be (B, T, V) and labels (B, T) with the same B, T; got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}."
-        )
-    b, t, v = logits.shape
-    shift_logits = logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
-    if shift_logits.dtype not in (torch.float32, torch.float64):
-        shift_logits = shift_logits.float()
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, v), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(b, t - 1)  # (B, T-1), 0 where ignored
-    n_targets = (shift_labels != IGNORE_INDEX).sum(dim=1)  # (B,)
-    return token_loss.sum(dim=1) / n_targets.clamp(min=1).to(token_loss.dtype)
