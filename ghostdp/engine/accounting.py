@@ -541,8 +541,9 @@ def calibrate_noise_multiplier(
     Returns sigma_hi such that epsilon(sigma_hi) <= target_epsilon (the same upper bound ``epsilon``
     reports, same accountant) while epsilon(sigma_lo) > target_epsilon for some sigma_lo >= sigma_hi *
     (1 - rtol): the answer over-shoots the smallest admissible sigma by at most a factor 1 + rtol. The
-    bracket starts at [0.5, 1] and doubles/halves until it straddles the target, then bisects in
-    log-space. epsilon decreases in sigma (prv's eps_error is piecewise constant in sigma for that).
+    search starts at sigma = 1, doubles (or halves) until a bracket straddles the target, then bisects
+    in log-space. It relies on epsilon decreasing in sigma (prv's eps_error is piecewise constant in
+    sigma for that reason); the returned sigma meets the target in any case, since it was evaluated.
     """
     if (
         isinstance(target_epsilon, bool)
