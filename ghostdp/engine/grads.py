@@ -27,6 +27,8 @@ from typing import Literal
 
 import torch
 
+from ghostdp import kernels
+
 NormMethod = Literal["ghost", "instantiate"]
 
 # Largest transient a chunked computation may allocate, in elements (~256 MiB in fp32).
@@ -68,13 +70,18 @@ class PerExampleGrad:
         """Per-example gradients of examples [start, stop), (b, *shape), in compute dtype."""
         raise NotImplementedError  # pragma: no cover
 
-    def norm2(self, method: NormMethod) -> torch.Tensor:
+    def norm2(self, method: NormMethod, impl: str = "torch") -> torch.Tensor:
         """(B,) squared Frobenius norms of the per-example gradients."""
         raise NotImplementedError  # pragma: no cover
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
         """sum_i c_i G_i, shape ``shape``, in compute dtype."""
         raise NotImplementedError  # pragma: no cover
+
+    def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch") -> None:
+        """out += sum_i c_i G_i, summed in compute dtype and rounded once into ``out``."""
+        total = self.clipped_sum(c)
+        out.copy_(total + out.to(total.dtype))
 
     def device(self) -> torch.device:
         raise NotImplementedError  # pragma: no cover
@@ -102,7 +109,7 @@ class Dense(PerExampleGrad):
         G = self.G[start:stop]
         return G.to(compute_dtype(G))
 
-    def norm2(self, method: NormMethod = "instantiate") -> torch.Tensor:
+    def norm2(self, method: NormMethod = "instantiate", impl: str = "torch") -> torch.Tensor:
         G = self.G.flatten(1)
         return G.to(compute_dtype(G)).pow(2).sum(1)
 
@@ -138,20 +145,13 @@ class Factored(PerExampleGrad):
         U, V = self.U[start:stop].to(dt), self.V[start:stop].to(dt)
         return U.transpose(1, 2) @ V  # (b, p, d)
 
-    def norm2(self, method: NormMethod) -> torch.Tensor:
+    def norm2(self, method: NormMethod, impl: str = "torch") -> torch.Tensor:
         if method == "ghost":
-            return gram_inner(self.U, self.V, self.U, self.V)
-        B = self.batch
-        out = []
-        step = _batch_chunk(math.prod(self.shape))
-        for s in range(0, B, step):
-            out.append(self.dense(s, s + step).flatten(1).pow(2).sum(1))
-        return torch.cat(out) if out else self.U.new_zeros(0, dtype=compute_dtype(self.U, self.V))
+            return kernels.linear_norm2_ghost(self.V, self.U, impl=impl)
+        return kernels.linear_norm2_instantiated(self.V, self.U, impl=impl)
 
-    def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        dt = compute_dtype(self.U, self.V, c)
-        U = self.U.to(dt) * c.to(dt)[:, None, None]
-        return U.flatten(0, 1).T @ self.V.to(dt).flatten(0, 1)  # (p, d)
+    def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch") -> None:
+        kernels.linear_clipped_sum(self.V, self.U, c, out=out, accumulate=True, impl=impl)
 
 
 @dataclass(eq=False)
@@ -185,7 +185,7 @@ class OneHot(PerExampleGrad):
         out.index_add_(0, flat, V.to(dt).flatten(0, 1))
         return out.view(b, self.rows, -1)
 
-    def norm2(self, method: NormMethod) -> torch.Tensor:
+    def norm2(self, method: NormMethod, impl: str = "torch") -> torch.Tensor:
         if method == "ghost":
             return gram_inner_onehot(self.ids, self.V, self.ids, self.V)
         return self._sparse_norm2()
@@ -284,14 +284,14 @@ def inner(x: PerExampleGrad, y: PerExampleGrad) -> torch.Tensor:
     return _dense_inner(x, y)
 
 
-def summed_norm2(uses: list[PerExampleGrad], method: NormMethod, instantiate_shared: bool) -> torch.Tensor:
+def summed_norm2(uses: list[PerExampleGrad], method: NormMethod, instantiate_shared: bool, impl: str = "torch") -> torch.Tensor:
     """(B,) ||sum_k G^k_i||^2 over the uses of one parameter.
 
     With ``instantiate_shared`` the per-example gradients of all uses are added up densely (chunked over
     the batch); otherwise ||sum_k G^k||^2 = sum_k ||G^k||^2 + 2 sum_{k<l} <G^k, G^l>.
     """
     if len(uses) == 1:
-        return uses[0].norm2(method)
+        return uses[0].norm2(method, impl)
     if instantiate_shared:
         step = _batch_chunk(math.prod(uses[0].shape))
         parts = []
@@ -299,7 +299,7 @@ def summed_norm2(uses: list[PerExampleGrad], method: NormMethod, instantiate_sha
             total = sum(u.dense(s, s + step) for u in uses)
             parts.append(total.flatten(1).pow(2).sum(1))
         return torch.cat(parts)
-    out = sum(u.norm2(method) for u in uses)
+    out = sum(u.norm2(method, impl) for u in uses)
     for k in range(len(uses)):
         for m in range(k + 1, len(uses)):
             out = out + 2 * inner(uses[k], uses[m])

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ghostdp import kernels
 from ghostdp.engine.errors import BatchMismatchError, UnsupportedModuleError
 from ghostdp.engine.grads import Dense, Factored, PerExampleGrad, compute_dtype, summed_norm2
 from ghostdp.engine.layers import sampler_for
@@ -49,15 +50,23 @@ class _BackwardContext:
     finalize_queued: bool = False
 
 
-def _norm_method(grad: PerExampleGrad, clipping: Clipping) -> str:
-    """Per-use norm rule. ``auto`` compares per-example FLOPs: Gram route T²(p+d) vs instantiation T·p·d."""
+def _norm_method(grad: PerExampleGrad, clipping: Clipping, impl: str) -> str:
+    """Per-use norm rule. ``auto`` takes the cheaper in FLOPs for the implementation that will run.
+
+    Per example, the Gram route costs ~T²(p + d) and instantiation ~T·p·d, so ghost wins for short
+    sequences and wide layers (T < pd/(p + d)); LoRA factors (p or d = r) almost always instantiate.
+    Memory does not tip the balance: the fused kernel instantiates tile by tile in registers, and the
+    PyTorch twins block over examples (instantiation) or rows (Gram) within a fixed budget.
+    """
     if clipping == "ghost":
         return "ghost"
     if clipping == "per_sample" or not isinstance(grad, Factored):
         return "instantiate"
-    T = grad.U.shape[1]
+    B, T = grad.U.shape[:2]
     p, d = grad.shape
-    return "ghost" if T * (p + d) < p * d else "instantiate"
+    ghost = kernels.norm_cost(B, T, d, p, "ghost", impl).flops
+    inst = kernels.norm_cost(B, T, d, p, "instantiated", impl).flops
+    return "ghost" if ghost < inst else "instantiate"
 
 
 class PrivacyEngine:
@@ -81,6 +90,9 @@ class PrivacyEngine:
             adds the noise to its clipped sum and the sums are all-reduced, so the noise enters exactly
             once. ``expected_batch_size`` and ``sample_rate`` are then the global ones. Do not wrap the
             model in ``DistributedDataParallel``: its gradient hooks never fire, ghostdp reduces itself.
+        impl: kernels for norms, clipped sums and noise: "triton" (fused kernels; CUDA, or the CPU
+            interpreter under TRITON_INTERPRET=1), "torch" (the PyTorch twins) or "auto" (Triton on CUDA
+            when it is importable, else the twins).
     """
 
     def __init__(
@@ -96,6 +108,7 @@ class PrivacyEngine:
         sample_rate: float | None = None,
         generator: torch.Generator | None = None,
         distributed: bool | None = None,
+        impl: Literal["auto", "triton", "torch"] = "auto",
     ):
         if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive finite number (the clipping bound C), got {max_grad_norm!r}")
@@ -111,6 +124,8 @@ class PrivacyEngine:
             raise ValueError(f"clipping must be 'auto', 'ghost' or 'per_sample', got {clipping!r}")
         if sample_rate is not None and not (0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
 
         self.model, self.optimizer = model, optimizer
         self.max_grad_norm = float(max_grad_norm)
@@ -121,6 +136,7 @@ class PrivacyEngine:
         self.sample_rate = sample_rate
         self.generator = generator
         self.distributed = distributed
+        self.impl = impl
         self.per_sample_norms: torch.Tensor | None = None
         self.steps = 0
         from ghostdp.engine.accounting import PrivacyAccountant
@@ -230,25 +246,29 @@ class PrivacyEngine:
             return
         B = ctx.batch_size
         scale = float(B) if self.loss_reduction == "mean" else 1.0
-        all_uses = [u for uses in ctx.uses.values() for u in uses]
+        first = next(iter(ctx.uses.values()))[0]
         dtype = torch.float64 if any(compute_dtype(p) == torch.float64 for p in ctx.uses) else torch.float32
-        device = all_uses[0].device()
+        device = first.device()
         norm2 = torch.zeros(B, dtype=dtype, device=device)
         shared = self.clipping == "per_sample"
         for uses in ctx.uses.values():
-            norm2 += summed_norm2(uses, _norm_method(uses[0], self.clipping), shared).to(device, dtype)
+            impl = self._impl_for(uses[0])
+            method = _norm_method(uses[0], self.clipping, impl)
+            norm2 += summed_norm2(uses, method, shared, impl).to(device, dtype)
         norms = norm2.sqrt() * scale
-        factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
+        factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale  # c_i, times the "mean" undo
         for p, uses in ctx.uses.items():
-            total = uses[0].clipped_sum(factors.to(uses[0].device()))
-            for u in uses[1:]:
-                total = total + u.clipped_sum(factors.to(u.device()))
-            total = total.view_as(p)
             if p.grad is None:
-                p.grad = total.to(p.dtype)
-            else:
-                p.grad.add_(total.to(p.dtype))
+                p.grad = torch.zeros_like(p)
+            for u in uses:
+                u.add_clipped_sum_(factors.to(u.device()), p.grad, self._impl_for(u))
         self.per_sample_norms = norms
+
+    def _impl_for(self, grad: PerExampleGrad) -> str:
+        """Kernels serve linear weights (``Factored``); the other forms are small and run in PyTorch."""
+        if not isinstance(grad, Factored):
+            return "torch"
+        return kernels.resolve_impl(self.impl, grad.V, grad.U, op="PrivacyEngine")
 
     # ------------------------------------------------------------------ optimizer step
     def _noise_generator(self, device: torch.device) -> torch.Generator:
@@ -256,6 +276,9 @@ class PrivacyEngine:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         return self.generator
+
+    def _noise_impl(self, p: torch.Tensor) -> str:
+        return kernels.resolve_impl(self.impl, p, op="PrivacyEngine noise")
 
     def _world_size(self) -> int:
         import torch.distributed as dist
@@ -272,19 +295,32 @@ class PrivacyEngine:
         std = self.noise_multiplier * self.max_grad_norm
         world = self._world_size()
         noise_here = std > 0 and (world == 1 or dist.get_rank() == 0)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                g = torch.zeros(p.shape, dtype=dtype, device=p.device) if p.grad is None else p.grad.to(dtype)
-                if noise_here:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        base_seed = None
+        for index, p in enumerate(params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if self._noise_impl(p) == "triton":
+                # In-kernel Philox noise, keyed by (a per-step seed drawn from the generator, parameter):
+                # no parameter-sized noise tensor; computed in fp32, rounded once into p.grad.
+                if base_seed is None:
                     gen = self._noise_generator(p.device)
-                    z = torch.randn(p.shape, generator=gen, dtype=dtype, device=gen.device)
-                    g = g + std * z.to(p.device)
+                    base_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+                if noise_here:
+                    kernels.add_noise_(p.grad, noise_std=std, seed=kernels.noise_seed(base_seed, index), impl="triton")
                 if world > 1:
-                    dist.all_reduce(g)
-                p.grad = (g / self.expected_batch_size).to(p.dtype)
+                    dist.all_reduce(p.grad)
+                p.grad.div_(self.expected_batch_size)
+                continue
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            g = p.grad.to(dtype)
+            if noise_here:
+                gen = self._noise_generator(p.device)
+                z = torch.randn(p.shape, generator=gen, dtype=dtype, device=gen.device)
+                g = g + std * z.to(p.device)
+            if world > 1:
+                dist.all_reduce(g)
+            p.grad = (g / self.expected_batch_size).to(p.dtype)
         self.steps += 1
         if self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
