@@ -23,6 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
+from numbers import Real
 from typing import Literal
 
 import torch
@@ -110,13 +111,13 @@ class PrivacyEngine:
         distributed: bool | None = None,
         impl: Literal["auto", "triton", "torch"] = "auto",
     ):
-        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        if not (isinstance(max_grad_norm, Real) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive finite number (the clipping bound C), got {max_grad_norm!r}")
-        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, (int, float)) or expected_batch_size <= 0:
+        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, Real) or not expected_batch_size > 0:
             raise ValueError(
                 f"expected_batch_size must be positive (sample_rate * dataset size), got {expected_batch_size!r}"
             )
-        if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        if not (isinstance(noise_multiplier, Real) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier must be >= 0 (0 disables noise), got {noise_multiplier!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
