@@ -307,7 +307,7 @@ class DPTrainer(Trainer):
         self._dp_batches: _RankShareSampler | None = None
         self._saved_dp_state: dict | None = None
         self._epsilon_cache: tuple[int, float] | None = None
-        self._loss_checked = False
+        self._dp_data: tuple[Any, Callable] | None = None
         self._sampling_seed: int | None = None
 
         super().__init__(
@@ -473,7 +473,6 @@ class DPTrainer(Trainer):
             )
         self._saved_dp_state = self._read_dp_state(resume_from_checkpoint) if resume_from_checkpoint else None
         self.privacy_plan = self._make_plan(self._saved_dp_state)
-        self._loss_checked = False
         return super().train(resume_from_checkpoint=resume_from_checkpoint, ignore_keys_for_eval=ignore_keys_for_eval)
 
     # ================================================================== data: one Poisson logical batch per step
@@ -510,6 +509,7 @@ class DPTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
+        self._dp_data = (dataset, collate)
         generator = torch.Generator()
         generator.manual_seed(self._shared_sampling_seed())
         poisson = PoissonBatchSampler(plan.num_examples, plan.sample_rate, generator=generator)
@@ -559,6 +559,7 @@ class DPTrainer(Trainer):
         if self.args.world_size > 1:
             self._broadcast_parameters()
         self._attach_engine()
+        self._check_loss_is_per_example(model)
         if resume_from_checkpoint is not None:
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
             self._load_scaler(resume_from_checkpoint)
@@ -621,21 +622,29 @@ class DPTrainer(Trainer):
         )
 
     @torch.no_grad()
-    def _check_loss_is_per_example(self, model: nn.Module, inputs: dict[str, Any], losses: torch.Tensor) -> None:
-        """Once per train(): example i's loss must not change when it is computed without the other examples.
+    def _check_loss_is_per_example(self, model: nn.Module) -> None:
+        """Before the first step: example i's loss must not change when computed without the other examples.
 
-        Catches a per-example loss normalised by the batch (e.g. by its token count), which makes one example
-        reweight the others and voids the clipping bound. Runs in eval mode (no dropout) under no_grad.
+        Catches a per-example loss normalised by the batch (e.g. by its token count), which makes one
+        example reweight the others and voids the clipping bound. Runs on the first (up to 4) training
+        examples in eval mode (no dropout) under no_grad; only a broken loss function can fail it.
         """
-        b = losses.shape[0]
+        dataset, collate = self._dp_data
+        b = min(4, len(dataset))
         if b < 2:
             return
+        inputs = self._prepare_inputs(collate([dataset[i] for i in range(b)]))
         was_training = model.training
         model.eval()
         try:
             with self.compute_loss_context_manager():
                 full = self.compute_per_example_loss(model, inputs).float()
-                for i in (0, b - 1):
+                if full.shape != (b,):
+                    raise ValueError(
+                        f"compute_per_example_loss returned shape {tuple(full.shape)} for a batch of {b}; it must "
+                        "return one loss per example, shape (batch,)."
+                    )
+                for i in range(b):
                     alone = {k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.shape[:1] == (b,) else v
                              for k, v in inputs.items()}
                     one = self.compute_per_example_loss(model, alone).float()[0]
@@ -643,13 +652,12 @@ class DPTrainer(Trainer):
                     if not torch.isclose(one, full[i], rtol=rtol, atol=1e-6):
                         raise ValueError(
                             f"compute_per_example_loss is not per-example: example {i}'s loss is {float(full[i]):.6g} "
-                            f"in its batch of {b} and {float(one):.6g} alone. Each L_i must depend on example i only "
-                            "(e.g. a mean over its own tokens, not the batch's token count); otherwise one example "
-                            "changes the others' gradients and clipping no longer bounds its influence."
+                            f"in a batch of {b} and {float(one):.6g} alone. Each L_i must depend on example i only "
+                            "(e.g. a mean over its own tokens, not over the batch's token count); otherwise one "
+                            "example changes the others' gradients and clipping no longer bounds its influence."
                         )
         finally:
             model.train(was_training)
-        self._loss_checked = True
 
     def training_step(self, model: nn.Module, inputs: LogicalBatch, num_items_in_batch=None) -> torch.Tensor:
         """Forward + backward of every physical batch of this rank's share; returns the logical batch loss.
@@ -682,8 +690,6 @@ class DPTrainer(Trainer):
                     f"compute_per_example_loss returned shape {tuple(losses.shape)} for a batch of {n}; it must "
                     "return one loss per example, shape (batch,)."
                 )
-            if not self._loss_checked:
-                self._check_loss_is_per_example(model, batch, losses)
             losses.sum().backward()
             total += losses.detach().sum().to(total.dtype)
         if self.args.world_size > 1:
