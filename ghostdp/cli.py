@@ -1,0 +1,304 @@
+"""``ghostdp``: DP synthetic text from the command line.
+
+    ghostdp pipeline --preset cpu-demo                  # train + synthesize + evaluate, one run folder
+    ghostdp train --config run.toml --run-dir runs/a    # DP fine-tuning only -> runs/a/model
+    ghostdp synthesize --run-dir runs/a --num-samples 1000
+    ghostdp evaluate --run-dir runs/a
+    ghostdp <command> --help                            # every option, with its meaning and default
+
+Configuration, later wins: the dataclass defaults (``ghostdp.integrations.config``), the run folder's
+own ``config.toml`` when it has one (so ``synthesize``/``evaluate`` continue a run as it was set up),
+``--preset``, ``--config FILE.toml``, then the flags. Each run writes its resolved configuration to
+``<run-dir>/config.toml``.
+
+Exit codes: 0 success; 2 bad usage or configuration (nothing was run, or the run refused to start: the
+message says what to change); 1 failure while running; 130 interrupted (re-run the same command: a
+trained generator is reused, synthesis resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ghostdp.integrations.config import (
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    build_run_config,
+    load_toml,
+    merge_overrides,
+)
+
+logger = logging.getLogger("ghostdp.cli")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: Which configuration sections each command reads (and so offers as flags).
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "train": ("data", "train"),
+    "synthesize": ("synthesize", "train"),
+    "evaluate": ("data", "evaluate", "train"),
+    "pipeline": ("data", "train", "synthesize", "evaluate"),
+}
+
+COMMAND_HELP = {
+    "train": "DP fine-tuning of the generator on the private data (writes <run-dir>/model).",
+    "synthesize": "Sample DP synthetic text from <run-dir>/model (resumable; writes <run-dir>/synthetic).",
+    "evaluate": "Score <run-dir>/synthetic on real held-out data against the baselines (writes the report).",
+    "pipeline": "train, synthesize and evaluate in one run folder.",
+}
+
+#: Flags of the train section that synthesize/evaluate also need (device, seeds); the rest stay hidden there.
+_SHARED_TRAIN_FLAGS = ("use_cpu", "dp_seed")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_section_flags(parser: argparse.ArgumentParser, section: str, only: Sequence[str] | None = None) -> None:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"[{section}] options", cls.__doc__.strip().splitlines()[0] if cls.__doc__ else None)
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, tuple):
+            default = ",".join(default) if all(isinstance(x, str) for x in default) else default
+        kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                                  "help": f"{help_text} (default: {'none' if default is None else default})"}
+        if hints[f.name] is bool:
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            group.add_argument(_flag(f.name), metavar=f.name.upper(), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ghostdp.integrations.presets import PRESETS
+
+    parser = argparse.ArgumentParser(prog="ghostdp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ghostdp {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,synthesize,evaluate,pipeline}")
+    for command, sections in COMMAND_SECTIONS.items():
+        p = sub.add_parser(command, help=COMMAND_HELP[command], description=COMMAND_HELP[command],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        common = p.add_argument_group("run options")
+        common.add_argument("--config", metavar="FILE.toml", help="TOML file with [data] [train] [synthesize] "
+                            "[evaluate] tables (see ghostdp.integrations.config).")
+        common.add_argument("--preset", choices=sorted(PRESETS), help="Start from a named preset "
+                            "(cpu-demo: a short CPU run; sst2-full: the full-size GPU run).")
+        common.add_argument("--run-dir", metavar="DIR", help="The run folder. train/pipeline default to "
+                            "runs/<preset>-<time>; synthesize/evaluate need an existing one.")
+        common.add_argument("--no-progress", action="store_true", help="No progress bars.")
+        common.add_argument("-v", "--verbose", action="count", default=0, help="More logging (-vv: debug).")
+        common.add_argument("-q", "--quiet", action="store_true", help="Warnings and errors only.")
+        if command == "synthesize":
+            common.add_argument("--max-batches", type=int, metavar="N",
+                                help="Stop after N generation batches (resume later by running the command again).")
+        for section in sections:
+            only = _SHARED_TRAIN_FLAGS if section == "train" and command in ("synthesize", "evaluate") else None
+            _add_section_flags(p, section, only)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration resolution
+# ----------------------------------------------------------------------------------------------------
+
+
+def _flag_layer(ns: argparse.Namespace) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for dest, value in vars(ns).items():
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            layer.setdefault(section, {})[key] = value
+    return layer
+
+
+def resolve_config(ns: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """Merge the layers (see the module docstring) into a checked RunConfig and the run folder."""
+    from ghostdp.integrations.presets import preset_layer
+
+    layers: list[dict[str, Any]] = []
+    file_layer = load_toml(ns.config) if ns.config else {}
+    run_dir = ns.run_dir or file_layer.get("run_dir")
+    if run_dir is not None and (Path(run_dir) / "config.toml").is_file():
+        layers.append(load_toml(Path(run_dir) / "config.toml"))
+    preset = ns.preset or file_layer.get("preset")
+    if preset is not None:
+        layers.append(preset_layer(preset))
+    layers += [file_layer, _flag_layer(ns)]
+    merged = merge_overrides(*layers)
+    if run_dir is not None:
+        merged["run_dir"] = run_dir
+    if ns.command in ("synthesize", "evaluate"):
+        if run_dir is None:
+            raise ConfigError(f"ghostdp {ns.command} needs --run-dir: the folder a `ghostdp train` (or pipeline) wrote.")
+        if not Path(run_dir).is_dir():
+            raise ConfigError(f"--run-dir {run_dir}: no such folder. Run `ghostdp train --run-dir {run_dir}` first.")
+    elif run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = str(Path("runs") / f"{merged.get('preset') or 'run'}-{stamp}")
+        merged["run_dir"] = run_dir
+    config = build_run_config(merged)
+    _check_data_paths(config, ns.command)
+    return config, Path(run_dir)
+
+
+def _check_data_paths(config: RunConfig, command: str) -> None:
+    """Missing data files are a configuration error (exit 2), found before any model is loaded."""
+    if command == "synthesize":
+        return
+    from ghostdp.integrations.text_data import default_sst2_dir
+
+    data = config.data
+    for role in ("train_data", "eval_data"):
+        if role == "eval_data" and command == "train":
+            continue
+        spec = getattr(data, role)
+        if spec.startswith("sst2:"):
+            folder = Path(data.sst2_dir) if data.sst2_dir else default_sst2_dir()
+            path = folder / f"{spec.split(':', 1)[1]}.tsv"
+            if not path.is_file():
+                raise ConfigError(f"data.{role}={spec!r}: {path} not found; set data.sst2_dir to the folder with the "
+                                  "SST-2 TSV files.")
+        elif not Path(spec).exists() and (Path(spec).suffix or "/" in spec):
+            raise ConfigError(f"data.{role}={spec!r}: no such file.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------
+
+
+def _setup_logging(ns: argparse.Namespace) -> None:
+    level = logging.WARNING if ns.quiet else logging.DEBUG if ns.verbose >= 2 else logging.INFO
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_ghostdp", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler._ghostdp = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("transformers", "httpx", "urllib3", "datasets", "huggingface_hub", "peft", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if ns.verbose < 2 else logging.INFO)
+    if ns.verbose < 2:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
+def _log_to_file(run_dir: Path) -> logging.Handler:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "ghostdp.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._ghostdp = True  # type: ignore[attr-defined]
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
+    from ghostdp.integrations import pipeline
+
+    show = not ns.no_progress
+    if ns.command == "train":
+        pipeline.write_config(config, run_dir)
+        gen = pipeline.train(config, run_dir, show_progress=show)
+        p = gen.info["privacy"]
+        print(f"Generator: {run_dir / pipeline.MODEL_DIR}\n(epsilon={p['epsilon_total']:.4g}, delta={p['delta']:.3g})-DP "
+              f"({p['epsilon_train']:.4g} DP-SGD over {p['steps']} steps, noise multiplier {p['noise_multiplier']:.4g}; "
+              f"{p['epsilon_labels']:.4g} label proportions)")
+    elif ns.command == "synthesize":
+        pipeline.write_config(config, run_dir)
+        result = pipeline.synthesize_step(config, run_dir, show_progress=show, max_batches=ns.max_batches)
+        state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
+        print(f"Synthetic data: {result.jsonl} ({sum(result.counts.values())} samples {result.counts}; {state})")
+    elif ns.command == "evaluate":
+        result = pipeline.evaluate_step(config, run_dir, show_progress=show)
+        _print_headline(result.headline, result.report_md)
+    else:
+        result, _, timings = pipeline.run_pipeline(config, run_dir, show_progress=show)
+        _print_headline(result.headline, result.report_md, timings)
+
+
+def _print_headline(h: dict[str, Any], report: Path, timings: dict[str, float] | None = None) -> None:
+    lines = [
+        f"(epsilon={_fmt(h['epsilon'])}, delta={_fmt(h['delta'])})-DP synthetic data, {h['n_synthetic']} samples",
+        f"accuracy on real held-out data: synthetic {_fmt(h['accuracy_synthetic'])} | DP on real "
+        f"{_fmt(h['accuracy_dp_on_real'])} | real, non-private ceiling {_fmt(h['accuracy_real_ceiling'])} | "
+        f"prior floor {_fmt(h['accuracy_prior_floor'])}",
+        f"MAUVE {_fmt(h['mauve'])}, held-out perplexity {_fmt(h['perplexity'])}",
+    ]
+    if timings:
+        lines.append("time: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items())
+                     + f" (total {sum(timings.values()):.0f}s)")
+    lines.append(f"Report: {report}")
+    print("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ghostdp`` script; returns the exit code."""
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(ns)
+    try:
+        config, run_dir = resolve_config(ns)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    file_handler = _log_to_file(run_dir)
+    started = time.time()
+    try:
+        _run(ns, config, run_dir)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        logger.error("Interrupted. Re-run the same command with --run-dir %s to continue (a trained generator is "
+                     "reused, synthesis resumes where it stopped).", run_dir)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a failure while running: say what, keep the traceback in the log file
+        logger.error("ghostdp %s failed: %s: %s (traceback in %s)", ns.command, type(exc).__name__, exc,
+                     run_dir / "ghostdp.log")
+        logger.debug("traceback", exc_info=True)
+        file_handler.handle(logging.LogRecord("ghostdp.cli", logging.ERROR, __file__, 0, "traceback", None,
+                                              sys.exc_info()))
+        return EXIT_FAILURE
+    finally:
+        logging.getLogger().removeHandler(file_handler)
+        file_handler.close()
+    logger.info("ghostdp %s finished in %.0fs", ns.command, time.time() - started)
+    return EXIT_OK
+
+
+def _version() -> str:
+    import ghostdp
+
+    return ghostdp.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Named starting points for ``ghostdp ... --preset NAME``: override layers over the dataclass defaults.
+
+A preset is a ``{section: {key: value}}`` dict in the same shape as a TOML config file, so a file or
+flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-samples 100``).
+
+``cpu-demo``
+    Sized for a 2-core CPU shared with other work (``make demo``; measured wall time in the module's
+    ``CPU_DEMO_MEASURED`` note below). Embedded SmolLM2-135M-Instruct with LoRA, a seeded 2,000-row
+    slice of SST-2 train as the private data, DP-SGD at epsilon 3 plus 0.1 for the label proportions,
+    a few hundred samples, short sequences, the linear probe and the DP linear head. The numbers it
+    produces show the pipeline works; they are not a benchmark (a few dozen noisy steps).
+
+``sst2-full``
+    The full-size run, meant for one GPU and not run on the CPU: all 67,349 SST-2 train rows,
+    epsilon 4 in total (3.9 for DP-SGD + 0.1 for the label proportions, basic composition), LoRA on every
+    projection, logical batch 1024 for 3 epochs (about 200 steps), bf16, 10,000 samples, fine-tuned
+    MiniLM classifiers (non-private on synthetic/real, DP-SGD on real for the baseline), perplexity on
+    all of SST-2 dev. Expect roughly an hour on one H100 (mostly generation and the MiniLM classifiers).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = ["PRESETS", "preset_layer"]
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu-demo": {
+        "data": {"train_data": "sst2:train", "eval_data": "sst2:dev", "train_rows": 2000, "eval_rows": 400},
+        "train": {
+            "model": "smollm2-135m", "method": "lora", "lora_rank": 8, "lora_alpha": 16.0,
+            "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"),
+            "target_epsilon": 3.0, "label_epsilon": 0.1, "max_grad_norm": 1.0,
+            "logical_batch_size": 64, "physical_batch_size": 16, "max_steps": 24, "learning_rate": 3e-3,
+            "lr_scheduler": "constant", "max_length": 32, "use_cpu": True,
+        },
+        "synthesize": {
+            "num_samples": 240, "label_proportions": "dp", "temperature": 1.0, "top_p": 0.95, "top_k": 0,
+            "max_new_tokens": 28, "gen_batch_size": 40,
+        },
+        "evaluate": {
+            "classifier": "linear_probe", "dp_classifier": "linear_probe", "dp_steps": 300, "dp_batch_size": 256,
+            "dp_learning_rate": 0.05, "floor_samples": 120, "perplexity_rows": 150,
+        },
+    },
+    "sst2-full": {
+        "data": {"train_data": "sst2:train", "eval_data": "sst2:dev", "train_rows": None, "eval_rows": None},
+        "train": {
+            "model": "smollm2-135m", "method": "lora", "lora_rank": 16, "lora_alpha": 32.0,
+            "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            "target_epsilon": 3.9, "label_epsilon": 0.1, "max_grad_norm": 1.0,
+            "logical_batch_size": 1024, "physical_batch_size": 128, "epochs": 3.0, "max_steps": None,
+            "learning_rate": 2e-3, "lr_scheduler": "constant", "max_length": 64, "bf16": True, "use_cpu": False,
+        },
+        "synthesize": {
+            "num_samples": 10000, "label_proportions": "dp", "temperature": 1.0, "top_p": 0.95, "top_k": 0,
+            "max_new_tokens": 64, "gen_batch_size": 256,
+        },
+        "evaluate": {
+            "classifier": "minilm", "dp_classifier": "minilm", "dp_steps": 400, "dp_batch_size": 1024,
+            "dp_learning_rate": 5e-4, "floor_samples": 2000, "perplexity_rows": None,
+        },
+    },
+}
+
+
+def preset_layer(name: str) -> dict[str, dict[str, Any]]:
+    """A copy of preset ``name`` as an override layer (plus ``preset``), or ValueError listing the presets."""
+    if name not in PRESETS:
+        from ghostdp.integrations.config import ConfigError
+
+        raise ConfigError(f"--preset {name!r}: unknown preset. Available: {', '.join(PRESETS)}.")
+    layer: dict[str, Any] = copy.deepcopy(PRESETS[name])
+    layer["preset"] = name
+    return layer
