@@ -27,7 +27,8 @@ What changes relative to ``Trainer``, and why (all in this file):
   optimizer once they are prepared. ``max_grad_norm`` is the per-example bound C; the Trainer's own
   clipping of the summed gradient is disabled (``_clip_grad_norm``), and ``grad_norm`` is not logged
   (``_get_grad_norm``): before ``optimizer.step()`` the gradient is the *un-noised* clipped sum, and its
-  norm would be released without privacy.
+  norm would be released without privacy. (For the same reason, a callback that reads ``p.grad`` in
+  ``on_pre_optimizer_step`` sees un-noised sums: do not log them.)
 * **Accounting.** Before training, the noise multiplier is calibrated from (target_epsilon, delta, q,
   steps), or a given ``noise_multiplier`` is used and its epsilon reported. ``epsilon`` is added to every
   ``log()`` (so every reporter in ``report_to`` gets it). Training never exceeds ``target_epsilon``: if the
@@ -106,7 +107,7 @@ _PROTECTED = {
     "compute_loss": "DPTrainer trains on per-example losses; override compute_per_example_loss instead "
                     "(it must return one loss per example, each depending on that example alone)",
     "_get_num_items_in_batch": "a batch token count would make each example's loss depend on the others",
-    "_clip_grad_norm": "max_grad_norm is the per-example DP bound; clipping the noisy sum is not DP-SGD",
+    "_clip_grad_norm": "max_grad_norm is the per-example DP bound C, not a bound on the summed gradient",
     "_get_grad_norm": "the pre-noise gradient norm is not private",
 }
 
@@ -217,7 +218,9 @@ class _PrivacyBudgetCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         engine, plan = self.trainer.privacy_engine, self.trainer.privacy_plan
-        if engine is None or plan is None or engine.steps < plan.budget_steps or plan.budget_steps >= plan.planned_steps:
+        if engine is None or plan is None or plan.budget_steps >= plan.planned_steps:
+            return control  # no budget cut: the run ends at max_steps as usual
+        if engine.steps < plan.budget_steps:
             return control
         control.should_training_stop = True
         control.should_log = True
@@ -319,7 +322,8 @@ class DPTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "DeepSpeed / FSDP is enabled (by the arguments or the accelerate config). ghostdp does not support "
-                "them yet; use plain data parallel (torchrun). See 'FSDP and DeepSpeed' in ghostdp.integrations.trainer."
+                "them yet; use plain data parallel (torchrun). See 'FSDP and DeepSpeed' in "
+                "ghostdp.integrations.trainer."
             )
         if self.args.n_gpu > 1:
             raise ValueError(
@@ -418,7 +422,8 @@ class DPTrainer(Trainer):
             budget = _steps_within_budget(history, sigma, q, delta, args.target_epsilon, args.accountant, steps)
             if budget <= done and steps > done:
                 raise PrivacyBudgetExhaustedError(
-                    f"No step fits in target_epsilon={args.target_epsilon}: {done} steps already spent it (delta={delta:g}). "
+                    f"No step fits in target_epsilon={args.target_epsilon}: {done} steps already spent it "
+                    f"(delta={delta:g}). "
                     "Training on would exceed the budget. Stop here, or raise target_epsilon knowingly."
                 )
         plan = PrivacyPlan(
@@ -467,7 +472,8 @@ class DPTrainer(Trainer):
                 raise ValueError(f"No checkpoint found in output_dir={self.args.output_dir!r} to resume from.")
         if self.privacy_engine is not None and self.privacy_engine.steps > 0 and resume_from_checkpoint is None:
             raise RuntimeError(
-                f"This DPTrainer already took {self.privacy_engine.steps} DP steps (epsilon={self.current_epsilon():.4g}). "
+                f"This DPTrainer already took {self.privacy_engine.steps} DP steps "
+                f"(epsilon={self.current_epsilon():.4g}). "
                 "A second train() on the same data would compose with the first. Resume from a checkpoint to "
                 "continue the same ledger, or build a new DPTrainer for an independent run (its cost adds up)."
             )
@@ -529,7 +535,7 @@ class DPTrainer(Trainer):
         return DataLoader(dataset, **params)
 
     def set_initial_training_values(self, args, dataloader):
-        """Steps = round(num_train_epochs / q) (or max_steps); one Trainer epoch = one sampler pass, round(1/q) steps."""
+        """Steps = round(num_train_epochs / q) (or max_steps); a Trainer epoch = one sampler pass, round(1/q) steps."""
         plan = self.privacy_plan
         per_epoch = len(dataloader)
         max_steps = plan.planned_steps
@@ -668,7 +674,9 @@ class DPTrainer(Trainer):
         ``sum_i L_i / logical_batch_size`` over the whole logical batch (all ranks), for logging.
         """
         if not isinstance(inputs, LogicalBatch):
-            raise TypeError(f"DPTrainer.training_step expects a LogicalBatch from its own dataloader, got {type(inputs).__name__}")
+            raise TypeError(
+                f"DPTrainer.training_step expects a LogicalBatch from its own dataloader, got {type(inputs).__name__}"
+            )
         engine, plan = self.privacy_engine, self.privacy_plan
         if engine.steps >= plan.budget_steps:
             raise PrivacyBudgetExhaustedError(
@@ -740,7 +748,8 @@ class DPTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save and self.privacy_engine is not None:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), name)
             self._save_dp_state(folder)
 
     def _save_dp_state(self, folder: str) -> None:
@@ -780,8 +789,8 @@ class DPTrainer(Trainer):
         engine.load_state_dict(state["engine"])
         if engine.steps != self.state.global_step:
             raise ValueError(
-                f"The checkpoint's privacy ledger has {engine.steps} steps but its trainer state {self.state.global_step}; "
-                "the checkpoint is inconsistent."
+                f"The checkpoint's privacy ledger has {engine.steps} steps but its trainer state "
+                f"{self.state.global_step}; the checkpoint is inconsistent."
             )
         per_epoch = len(self._dp_batches)
         skip = 0 if self.args.ignore_data_skip else self.state.global_step % per_epoch

@@ -23,7 +23,6 @@ import ghostdp.accounting as acc
 from ghostdp import PrivacyEngine, UnsupportedModuleError
 from ghostdp.data import PoissonBatchSampler
 from ghostdp.engine.loss import per_example_lm_loss
-from ghostdp.integrations.dp_args import DPTrainingArguments
 from ghostdp.integrations.trainer import PRIVACY_FILE, STATE_FILE, DPTrainer, PrivacyBudgetExhaustedError
 from tests.conftest import tiny_llama
 from tests.integrations.conftest import SST2_DIR
@@ -157,7 +156,8 @@ def test_epsilon_logged_equals_accountant_and_budget_stop(tmp_path, caplog):
     summary = json.loads((ckpt / PRIVACY_FILE).read_text())
     assert summary["epsilon"] == pytest.approx(eps[3]) and summary["steps"] == 3 and summary["delta"] == delta
     state = torch.load(ckpt / STATE_FILE, weights_only=True)
-    assert state["engine"]["generator_state"] is None and state["engine"]["accountant"]["history"] == [[sigma, L / N, 3]]
+    assert state["engine"]["generator_state"] is None
+    assert state["engine"]["accountant"]["history"] == [[sigma, L / N, 3]]
     # the spent budget cannot be trained past, even by resuming
     with pytest.raises(PrivacyBudgetExhaustedError, match="No step fits"):
         DPTrainer(model=lora(tiny_llama(True)), args=args, train_dataset=make_data(N),
@@ -177,11 +177,16 @@ def test_noise_calibrated_from_target_epsilon(tmp_path):
     assert trainer.privacy_engine.noise_multiplier == plan.noise_multiplier
 
 
-def test_resume_continues_the_same_run(tmp_path):
-    """AdamW + linear decay; checkpoint at step 3 is mid-pass (4 steps per pass); resume to step 6."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_continues_the_same_run(tmp_path, workers):
+    """AdamW + linear decay; checkpoint at step 3 is mid-pass (4 steps per pass); resume to step 6.
+
+    With a worker process the DataLoader draws batches ahead of training; the checkpoint must hold the
+    sampler state after the last batch trained on, not after the last one drawn.
+    """
     n, steps = 16, 6  # q = 1/4
     common = dict(max_steps=steps, optim="adamw_torch", learning_rate=0.02, lr_scheduler_type="linear",
-                  save_strategy="steps", save_steps=3)
+                  save_strategy="steps", save_steps=3, dataloader_num_workers=workers)
     data = make_data(n)
     model = lora(tiny_llama(True))
     rec = ParamsEachStep(model)
