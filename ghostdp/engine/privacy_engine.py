@@ -296,7 +296,8 @@ class PrivacyEngine:
         std = self.noise_multiplier * self.max_grad_norm
         world = self._world_size()
         noise_here = std > 0 and (world == 1 or dist.get_rank() == 0)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        in_optimizer = {p for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+        params = [p for p in self._names if p in in_optimizer]  # model order: noise independent of groups
         base_seed = None
         for index, p in enumerate(params):
             if p.grad is None:
