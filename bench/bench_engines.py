@@ -27,11 +27,9 @@ library versions, commit and CPU load of the run; ratios only ever divide figure
 from __future__ import annotations
 
 import datetime
-import gc
 import logging
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -92,129 +90,51 @@ ENGINES = core.default_engines(DEVICE)
 ITEMS = [(case, k, engine) for case in CASES for k in range(ROUNDS) for engine in core.rotated(ENGINES, k)]
 
 
-def _free_bytes() -> int:
-    if CUDA:
-        return torch.cuda.mem_get_info()[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class _Suite:
-    """State across the tests of this module: cached weights, memory records, live workloads, times."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S") + "-pytest"
-        self.env = core.environment(DEVICE)
-        self.weights: dict[str, str | None] = {}
-        self.memory: dict[core.Case, dict[str, dict]] = {}
-        self.max_batch: dict[tuple[core.Case, str], int | None] = {}
-        self.co_resident: dict[core.Case, bool] = {}
-        self.workloads: dict[tuple[core.Case, str], core.Workload] = {}
-        self.times: dict[tuple[core.Case, str], list[float]] = defaultdict(list)
-        self.cpu_times: dict[tuple[core.Case, str], list[float]] = defaultdict(list)
-
-    def weights_dir(self, case: core.Case) -> str | None:
-        if case.model not in self.weights:
-            needs = core.needs_weight_cache(case.model)
-            self.weights[case.model] = core.cache_weights(case.model, self.tmp) if needs else None
-        return self.weights[case.model]
-
-    def _drop_workloads(self, keep: core.Case | None = None) -> None:
-        for key in [k for k in self.workloads if k[0] != keep]:
-            del self.workloads[key]
-        gc.collect()
-        if CUDA:
-            torch.cuda.empty_cache()
-
-    def memory_records(self, case: core.Case) -> dict[str, dict]:
-        """Every engine of ``case`` in a fresh process, once, before this process holds any workload."""
-        if case not in self.memory:
-            self._drop_workloads()
-            weights = self.weights_dir(case)
-            records = {}
-            for engine in ENGINES:
-                rec = core.measure_in_subprocess(case, engine, steps=MEMORY_STEPS, warmup=0, weights_dir=weights,
-                                                 threads=THREADS)
-                logger.info("memory %s %s: %s %s", case.id, engine, rec["status"], rec["peak_bytes"])
-                records[engine] = rec
-                if (MAX_BATCH_GIB and CUDA and rec["status"] == "ok" and case.seq_len in MAX_BATCH_SEQ_LENS):
-                    self.max_batch[(case, engine)] = core.max_batch_size(
-                        case, engine, int(MAX_BATCH_GIB * 2**30), weights_dir=weights)
-            self.memory[case] = records
-            need = sum(r["peak_bytes"] or 0 for r in records.values() if r["status"] == "ok")
-            self.co_resident[case] = need <= CO_RESIDENT_FRACTION * _free_bytes()
-            logger.info("%s: workloads %s co-resident (%.1f GiB of peaks)", case.id,
-                        "kept" if self.co_resident[case] else "not kept", need / 2**30)
-        return self.memory[case]
-
-    def workload(self, case: core.Case, engine: str) -> core.Workload:
-        key = (case, engine)
-        if key not in self.workloads:
-            self._drop_workloads(keep=case if self.co_resident[case] else None)
-            wl = core.setup(case, engine, weights_dir=self.weights_dir(case))
-            for _ in range(WARMUP):
-                wl.step()
-            self.workloads[key] = wl
-        return self.workloads[key]
-
-    def rows(self) -> list[dict]:
-        rows = []
-        for case, records in self.memory.items():
-            for engine in ENGINES:
-                row = core.summarize(self.run, case, engine, [records[engine]],
-                                     timing="pytest-benchmark, in-process, engines interleaved",
-                                     times=self.times.get((case, engine), []),
-                                     cpu_times=self.cpu_times.get((case, engine), []))
-                if (case, engine) in self.max_batch:
-                    row["max_batch"] = self.max_batch[(case, engine)]
-                    row["max_batch_budget_bytes"] = int(MAX_BATCH_GIB * 2**30)
-                rows.append(row)
-        return rows
-
-
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    """Yield the suite state; afterwards merge this run's cases into bench/results/engines_<device>."""
-    threads = torch.get_num_threads()
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    state = _Suite(tmp_path_factory.mktemp("weights"))
-    yield state
-    torch.set_num_threads(threads)
-    state._drop_workloads()
-    rows = state.rows()
+def session(tmp_path_factory):
+    """The shared :class:`~ghostdp.integrations.bench.Session`; afterwards this run's cases are merged
+    into bench/results/engines_<device>.{json,md}."""
+    run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S") + "-pytest"
+    budget = int(MAX_BATCH_GIB * 2**30) if MAX_BATCH_GIB and CUDA else None
+    with core.Session(ENGINES, threads=THREADS, memory_steps=MEMORY_STEPS, warmup=WARMUP,
+                      max_batch_budget=budget, max_batch_when=lambda c: c.seq_len in MAX_BATCH_SEQ_LENS,
+                      co_resident_fraction=CO_RESIDENT_FRACTION,
+                      weights_root=tmp_path_factory.mktemp("weights")) as state:
+        env = core.environment(DEVICE)
+        yield state
+        state.drop_workloads()
+        timing = "pytest-benchmark in-process, engines interleaved by round; memory in fresh processes"
+        rows = state.rows(run, timing)
     if not rows:
         return
     if hasattr(os, "getloadavg"):
-        state.env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    settings = {"rounds": ROUNDS, "steps": STEPS, "warmup": WARMUP, "memory_steps": MEMORY_STEPS, "threads": THREADS,
-                "timing": "pytest-benchmark in-process, engines interleaved by round"}
-    result = core.new_result(state.run, state.env, settings, rows)
+        env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    settings = {"rounds": ROUNDS, "steps": STEPS, "warmup": WARMUP, "memory_steps": MEMORY_STEPS,
+                "threads": THREADS, "timing": timing}
+    result = core.new_result(run, env, settings, rows)
     title = "ghostdp vs non-private vs Opacus: whole training steps"
     core.write_results(result, RESULTS_DIR / f"engines_{DEVICE}", merge=True, title=title)
 
 
 @pytest.mark.parametrize(("case", "round_", "engine"), ITEMS,
                          ids=[f"{c.id}-r{k}-{e}" for c, k, e in ITEMS])
-def test_engine_step(benchmark, suite, case, round_, engine):
-    record = suite.memory_records(case)[engine]
+def test_engine_step(benchmark, session, case, round_, engine):
+    record = session.memory(case)[engine]
     if record["status"] != "ok":
         pytest.skip(f"{engine} on {case.id}: {record['status']}")
-    wl = suite.workload(case, engine)
+    wl = session.workload(case, engine)
     benchmark.group = case.id
     benchmark.extra_info.update(case=case.id, engine=engine, round=round_,
                                 peak_bytes=record["peak_bytes"], memory_kind=record.get("memory_kind"))
-    cpu_times = suite.cpu_times[(case, engine)]
+    walls, cpus = [], []
 
     def step() -> None:  # pytest-benchmark times the wall clock; the CPU time is kept beside it
         c0 = time.process_time()
         wl.step()
-        cpu_times.append(time.process_time() - c0)
+        cpus.append(time.process_time() - c0)
 
     benchmark.pedantic(step, rounds=STEPS, iterations=1, warmup_rounds=0)
     if benchmark.stats is not None:  # None under --benchmark-disable
-        suite.times[(case, engine)].extend(benchmark.stats.stats.data)
+        walls = list(benchmark.stats.stats.data)
+    for wall, cpu in zip(walls, cpus):
+        session.record(case, engine, wall, cpu)

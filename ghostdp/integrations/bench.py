@@ -19,7 +19,7 @@ Engines (``parse_engine`` reads the names):
   untied model (an LM head of its own), which keeps the comparison fair.
 
 Memory is measured in a fresh process per (case, engine) (:func:`measure_in_subprocess`), as the peak over
-the training steps of everything the process holds, weights and optimizer state included:
+two training steps of everything the process holds, weights and optimizer state included:
 
 - CUDA: ``torch.cuda.max_memory_allocated()`` (peak reset after setup, so model loading does not count).
 - CPU: peak RSS (``VmHWM``, reset after setup through ``/proc/self/clear_refs``) minus the RSS the process
@@ -29,10 +29,11 @@ the training steps of everything the process holds, weights and optimizer state 
   peak follows what was alive rather than how the heap fragmented.
 
 Times are seconds per optimizer step (forward, per-example loss, backward, ``optimizer.step()``,
-``zero_grad``; synchronised on CUDA), after warm-up. On a shared CPU the noise is large, so runs are
-repeated in rounds with the engines interleaved (order rotated each round), the minimum (least disturbed)
-and the median are both kept, and every ratio divides figures of the same run: a row's ratio is taken
-against the ``non-private`` row of the same case and the same ``run`` id only.
+``zero_grad``; synchronised on CUDA), taken afterwards in the calling process (:class:`Session`), wall
+clock and process CPU time. On a shared CPU the noise is large, so steps are taken in rounds with the
+engines interleaved (order rotated each round), the minimum (least disturbed) and the median are both
+kept, and every ratio divides figures of the same run: a row's ratio is taken against the
+``non-private`` row of the same case and the same ``run`` id only.
 
 The largest batch that fits a memory budget is a doubling-then-bisection search over batch sizes, one
 fresh process per try; on CUDA the budget is enforced with ``torch.cuda.set_per_process_memory_fraction``.
@@ -195,15 +196,36 @@ def needs_weight_cache(model: str) -> bool:
 
 
 def cache_weights(model: str, directory: str | Path) -> str:
-    """Load ``model`` once and save it as safetensors under ``directory``; return the folder."""
+    """Load ``model`` once; save its config and weights (safetensors) under ``directory``; return the folder.
+
+    Hugging Face refuses ``save_pretrained`` on a GGUF-loaded model (it counts as quantized even though
+    the weights were dequantised to fp32), so the config and the state are written directly.
+    """
+    from safetensors.torch import save_model
+
     from ghostdp.integrations.models import load_causal_lm
 
     out = Path(directory) / Path(model).name.replace(".gguf", "")
-    if not (out / "config.json").exists():
+    if not (out / "model.safetensors").exists():
         loaded, _ = load_causal_lm(model)
-        loaded.save_pretrained(out)
+        out.mkdir(parents=True, exist_ok=True)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.to_json_file(out / "config.json")
+        save_model(loaded, str(out / "model.safetensors"))  # handles the tied embedding / LM head
         del loaded
     return str(out)
+
+
+def _load_cached(weights_dir: str, dtype, device: str):
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(weights_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    load_model(model, str(Path(weights_dir) / "model.safetensors"))
+    return model.to(device)
 
 
 def build_model(case: Case, *, weights_dir: str | None = None, seed: int = 0):
@@ -220,9 +242,7 @@ def build_model(case: Case, *, weights_dir: str | None = None, seed: int = 0):
         with torch.device(case.device):
             model = LlamaForCausalLM._from_config(config, dtype=dtype)
     elif weights_dir is not None:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype).to(case.device)
+        model = _load_cached(weights_dir, dtype, case.device)
     else:
         from ghostdp.integrations.models import load_causal_lm
 
@@ -939,52 +959,188 @@ def rotated(items: Sequence[str], k: int) -> list[str]:
     return list(items[k:]) + list(items[:k])
 
 
+def _free_bytes(device: str) -> int:
+    """Memory this process could still use: free CUDA memory, or MemAvailable on the host."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Session:
+    """Memory in fresh processes, then time in this one, engines interleaved: the procedure behind both
+    ``ghostdp bench`` (:func:`compare`) and the pytest-benchmark suite in ``bench/``.
+
+    Why two places: a process's peak memory is only its own in a fresh process, and the CPU figure needs
+    glibc's fixed mmap threshold (see :func:`_child_env`), which costs page faults and so slows the
+    steps unevenly; times are therefore taken here, where steps of different engines can alternate
+    within seconds of each other (on a shared CPU the load changes faster than a process starts).
+
+    - :meth:`memory` runs every engine of a case once in a fresh process (``memory_steps`` steps, so
+      AdamW's state exists), before this process builds anything for that case; with
+      ``max_batch_budget`` it also searches the largest batch within that budget (for the cases
+      ``max_batch_when`` accepts).
+    - :meth:`workload` builds (and warms up) a case's workload here. All the case's workloads stay alive
+      when the peaks measured in :meth:`memory` fit in ``co_resident_fraction`` of the free memory;
+      otherwise only one does, and each round rebuilds (and warms up) its own.
+    - :meth:`record` collects the wall and CPU time of timed steps; :meth:`rows` summarises.
+    """
+
+    def __init__(self, engines: Sequence[str], *, threads: int | None = None, memory_steps: int = 2,
+                 warmup: int = 1, isolate: bool = True, max_batch_budget: int | None = None,
+                 max_batch_when: Callable[[Case], bool] | None = None, co_resident_fraction: float = 0.6,
+                 weights_root: str | Path | None = None):
+        for e in engines:
+            parse_engine(e)
+        self.engines = list(engines)
+        self.threads, self.memory_steps, self.warmup = threads, memory_steps, warmup
+        self.isolate, self.max_batch_budget = isolate, max_batch_budget
+        self.max_batch_when = max_batch_when or (lambda case: True)
+        self.co_resident_fraction = co_resident_fraction
+        self._own_tmp = weights_root is None
+        self.weights_root = Path(weights_root or tempfile.mkdtemp(prefix="ghostdp-bench-weights-"))
+        self.weights: dict[str, str | None] = {}
+        self.records: dict[Case, dict[str, dict]] = {}
+        self.max_batch: dict[tuple[Case, str], int | None] = {}
+        self.co_resident: dict[Case, bool] = {}
+        self.workloads: dict[tuple[Case, str], Workload] = {}
+        self.times: dict[tuple[Case, str], list[float]] = {}
+        self.cpu_times: dict[tuple[Case, str], list[float]] = {}
+        self._threads_before = None
+
+    def __enter__(self) -> "Session":
+        if self.threads:
+            import torch
+
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.drop_workloads()
+        if self._threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
+        if self._own_tmp:
+            shutil.rmtree(self.weights_root, ignore_errors=True)
+
+    def weights_dir(self, case: Case) -> str | None:
+        if case.model not in self.weights:
+            cached = cache_weights(case.model, self.weights_root) if needs_weight_cache(case.model) else None
+            self.weights[case.model] = cached
+        return self.weights[case.model]
+
+    def drop_workloads(self, keep: Case | None = None) -> None:
+        for key in [k for k in self.workloads if k[0] != keep]:
+            del self.workloads[key]
+        gc.collect()
+        if any(c.device.startswith("cuda") for c in self.records):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def memory(self, case: Case) -> dict[str, dict]:
+        """Per engine, the record of its fresh-process run on ``case`` (once per case)."""
+        if case in self.records:
+            return self.records[case]
+        self.drop_workloads()
+        weights = self.weights_dir(case)
+        records = {}
+        for engine in self.engines:
+            if self.isolate:
+                rec = measure_in_subprocess(case, engine, steps=self.memory_steps, warmup=0,
+                                            weights_dir=weights, threads=self.threads)
+            else:
+                rec = measure(case, engine, steps=self.memory_steps, warmup=0, weights_dir=weights)
+            log.info("memory %s %s: %s, peak %s", case.id, engine, rec["status"], _fmt_bytes(rec["peak_bytes"]))
+            records[engine] = rec
+            if (self.max_batch_budget is not None and self.isolate and rec["status"] == "ok"
+                    and self.max_batch_when(case)):
+                self.max_batch[(case, engine)] = max_batch_size(case, engine, self.max_batch_budget,
+                                                                weights_dir=weights)
+        self.records[case] = records
+        need = sum(r["peak_bytes"] or 0 for r in records.values() if r["status"] == "ok")
+        self.co_resident[case] = self.isolate and need <= self.co_resident_fraction * _free_bytes(case.device)
+        log.info("%s: workloads %s (%s of measured peaks)", case.id,
+                 "kept alive together" if self.co_resident[case] else "built one at a time", _fmt_bytes(need))
+        return records
+
+    def workload(self, case: Case, engine: str) -> Workload:
+        """The live workload of (case, engine), built and warmed up if needed."""
+        key = (case, engine)
+        if key not in self.workloads:
+            self.memory(case)
+            self.drop_workloads(keep=case if self.co_resident[case] else None)
+            wl = setup(case, engine, weights_dir=self.weights_dir(case))
+            for _ in range(self.warmup):
+                wl.step()
+            self.workloads[key] = wl
+        return self.workloads[key]
+
+    def record(self, case: Case, engine: str, wall: float, cpu: float) -> None:
+        self.times.setdefault((case, engine), []).append(wall)
+        self.cpu_times.setdefault((case, engine), []).append(cpu)
+
+    def timed_step(self, case: Case, engine: str) -> None:
+        """One step of (case, engine), its wall and CPU time recorded."""
+        wl = self.workload(case, engine)
+        t0, c0 = time.perf_counter(), time.process_time()
+        wl.step()
+        self.record(case, engine, time.perf_counter() - t0, time.process_time() - c0)
+
+    def rows(self, run: str, timing: str) -> list[dict]:
+        rows = []
+        for case, records in self.records.items():
+            for engine in self.engines:
+                row = summarize(run, case, engine, [records[engine]], timing=timing,
+                                times=self.times.get((case, engine), []),
+                                cpu_times=self.cpu_times.get((case, engine), []))
+                if (case, engine) in self.max_batch:
+                    row["max_batch"] = self.max_batch[(case, engine)]
+                    row["max_batch_budget_bytes"] = self.max_batch_budget
+                rows.append(row)
+        return rows
+
+
 def compare(cases: Sequence[Case], engines: Sequence[str], *, rounds: int, steps: int, warmup: int,
             isolate: bool = True, max_batch_budget: int | None = None, run: str | None = None,
-            threads: int | None = None) -> dict:
-    """Every engine on every case, ``rounds`` times interleaved; memory and times from the same processes.
+            threads: int | None = None, memory_steps: int = 2) -> dict:
+    """Every engine on every case: memory in fresh processes, then ``rounds`` interleaved rounds of
+    ``steps`` timed steps each (engine order rotated every round), see :class:`Session`.
 
-    With ``isolate`` (the default) each (case, engine, round) runs in a fresh process; without it, in this
-    one (fast, for tests; memory figures then are not isolated and say so).
+    ``isolate=False`` skips the fresh processes (quick looks and tests): the memory figures are then
+    not reported on CPU, and are this process's on CUDA.
     """
-    for e in engines:
-        parse_engine(e)
     run = run or datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     env = environment(cases[0].device if cases else "cpu")
-    rows: list[dict] = []
-    tmp = tempfile.mkdtemp(prefix="ghostdp-bench-weights-")
-    try:
-        weights: dict[str, str | None] = {}
+    with Session(engines, threads=threads, memory_steps=memory_steps, warmup=warmup, isolate=isolate,
+                 max_batch_budget=max_batch_budget) as session:
         for case in cases:
-            if case.model not in weights:
-                weights[case.model] = cache_weights(case.model, tmp) if needs_weight_cache(case.model) else None
-            records: dict[str, list[dict]] = {e: [] for e in engines}
+            records = session.memory(case)
             for k in range(rounds):
-                for engine in rotated(engines, k):
-                    if records[engine] and records[engine][-1]["status"] != "ok":
-                        continue  # refused once: refused every round
-                    if isolate:
-                        rec = measure_in_subprocess(case, engine, steps=steps, warmup=warmup,
-                                                    weights_dir=weights[case.model], threads=threads)
-                    else:
-                        rec = measure(case, engine, steps=steps, warmup=warmup, weights_dir=weights[case.model])
-                    log.info("%s %s round %d: %s %s", case.id, engine, k, rec["status"],
-                             [round(t, 4) for t in rec["step_times"]])
-                    records[engine].append(rec)
-            for engine in engines:
-                row = summarize(run, case, engine, records[engine],
-                                timing="fresh process per round" if isolate else "in-process (memory not isolated)")
-                if max_batch_budget is not None and row["status"] == "ok":
-                    row["max_batch"] = max_batch_size(case, engine, max_batch_budget,
-                                                      weights_dir=weights[case.model])
-                    row["max_batch_budget_bytes"] = max_batch_budget
-                rows.append(row)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                for engine in rotated(session.engines, k):
+                    if records[engine]["status"] != "ok":
+                        continue
+                    for _ in range(steps):
+                        session.timed_step(case, engine)
+            session.drop_workloads()
+        timing = "in-process, engines interleaved by round; memory " + (
+            "in fresh processes" if isolate else "not isolated")
+        rows = session.rows(run, timing)
     if hasattr(os, "getloadavg"):
         env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     settings = {"rounds": rounds, "steps": steps, "warmup": warmup, "threads": threads,
-                "timing": "fresh process per round, engines interleaved" if isolate else "in-process"}
+                "memory_steps": memory_steps, "timing": timing}
     return new_result(run, env, settings, rows)
 
 
@@ -1015,10 +1171,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--untie-embeddings", action="store_true",
                         help="give the LM head its own copy of tied embeddings, for every engine (Opacus' "
                              "ghost clipping refuses tied parameters)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, per round (default 1)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved repetitions, a fresh process each (default: 2 on CPU, 1 on CUDA)")
+                        help="interleaved rounds: each runs every engine in turn, order rotated per round "
+                             "(default: 3 on CPU, 1 on CUDA)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per engine per round (default: 1 on CPU, 5 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps after each workload is built (default: 1 on CPU, 2 on CUDA)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads in each measured process (default: torch's choice); on a CPU "
                              "shared with other jobs, 1 gives the steadiest CPU-time figures")
@@ -1041,8 +1200,11 @@ def run(args: argparse.Namespace) -> int:
             parse_engine(e)
         cases = [Case(args.model, args.lora, t, args.batch_size, device=device, dtype=dtype,
                       untie_embeddings=args.untie_embeddings, lora_rank=args.lora_rank) for t in args.seq_len]
-        rounds = args.rounds if args.rounds is not None else (1 if device.startswith("cuda") else 2)
-        if rounds < 1 or args.steps < 1 or args.warmup < 0:
+        cuda = device.startswith("cuda")
+        rounds = args.rounds if args.rounds is not None else (1 if cuda else 3)
+        steps = args.steps if args.steps is not None else (5 if cuda else 1)
+        warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
+        if rounds < 1 or steps < 1 or warmup < 0:
             raise ValueError("--rounds and --steps must be >= 1 and --warmup >= 0")
         if device.startswith("cuda"):
             import torch
@@ -1055,16 +1217,8 @@ def run(args: argparse.Namespace) -> int:
     budget = None if args.max_batch_budget_gib is None else int(args.max_batch_budget_gib * 2**30)
     if NON_PRIVATE not in engines:
         log.warning("no 'non-private' engine: the ratio columns stay empty")
-    import torch
-
-    threads = torch.get_num_threads()
-    if args.in_process and args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        result = compare(cases, engines, rounds=rounds, steps=args.steps, warmup=args.warmup,
-                         isolate=not args.in_process, max_batch_budget=budget, threads=args.threads)
-    finally:
-        torch.set_num_threads(threads)
+    result = compare(cases, engines, rounds=rounds, steps=steps, warmup=warmup,
+                     isolate=not args.in_process, max_batch_budget=budget, threads=args.threads)
     if args.out:
         write_results(result, args.out)
     sys.stdout.write(markdown(result))

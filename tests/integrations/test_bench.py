@@ -32,7 +32,7 @@ def tiny_result():
     try:
         cases = [bench.Case(lora=True, **TINY), bench.Case(lora=False, **TINY)]
         return bench.compare(cases, bench.default_engines("cpu"), rounds=1, steps=1, warmup=0, isolate=False,
-                             run="smoke")
+                             memory_steps=1, run="smoke")
     finally:
         torch.set_num_threads(threads)
 
