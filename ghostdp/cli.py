@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 import typing
@@ -67,7 +68,8 @@ def _flag(name: str) -> str:
 def _add_section_flags(parser: argparse.ArgumentParser, section: str, only: Sequence[str] | None = None) -> None:
     cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"[{section}] options", cls.__doc__.strip().splitlines()[0] if cls.__doc__ else None)
+    title = cls.__doc__.strip().splitlines()[0] if cls.__doc__ else None
+    group = parser.add_argument_group(f"[{section}] options", title)
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue
@@ -86,7 +88,8 @@ def _add_section_flags(parser: argparse.ArgumentParser, section: str, only: Sequ
 def build_parser() -> argparse.ArgumentParser:
     from ghostdp.integrations.presets import PRESETS
 
-    parser = argparse.ArgumentParser(prog="ghostdp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="ghostdp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ghostdp {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="{train,synthesize,evaluate,pipeline}")
     for command, sections in COMMAND_SECTIONS.items():
@@ -100,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         common.add_argument("--run-dir", metavar="DIR", help="The run folder. train/pipeline default to "
                             "runs/<preset>-<time>; synthesize/evaluate need an existing one.")
         common.add_argument("--no-progress", action="store_true", help="No progress bars.")
+        common.add_argument("--threads", metavar="N|auto", help="CPU threads for torch (default: torch's choice, "
+                            "one per core). 'auto': the cores not already busy by the load average, at least 1. On a "
+                            "CPU shared with other jobs fewer threads can be several times faster: threads that "
+                            "spin-wait for each other stall when they do not all get a core.")
         common.add_argument("-v", "--verbose", action="count", default=0, help="More logging (-vv: debug).")
         common.add_argument("-q", "--quiet", action="store_true", help="Warnings and errors only.")
         if command == "synthesize":
@@ -143,7 +150,8 @@ def resolve_config(ns: argparse.Namespace) -> tuple[RunConfig, Path]:
         merged["run_dir"] = run_dir
     if ns.command in ("synthesize", "evaluate"):
         if run_dir is None:
-            raise ConfigError(f"ghostdp {ns.command} needs --run-dir: the folder a `ghostdp train` (or pipeline) wrote.")
+            raise ConfigError(f"ghostdp {ns.command} needs --run-dir: the folder a `ghostdp train` (or pipeline) "
+                              "wrote.")
         if not Path(run_dir).is_dir():
             raise ConfigError(f"--run-dir {run_dir}: no such folder. Run `ghostdp train --run-dir {run_dir}` first.")
     elif run_dir is None:
@@ -210,6 +218,19 @@ def _log_to_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def _threads(value: str) -> int | None:
+    """``--threads``: an int >= 1, or 'auto' = cores minus the 1-minute load average (rounded), at least 1."""
+    if value == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return max(1, min(cores, round(cores - busy)))
+    try:
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
 def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -222,8 +243,9 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
         pipeline.write_config(config, run_dir)
         gen = pipeline.train(config, run_dir, show_progress=show)
         p = gen.info["privacy"]
-        print(f"Generator: {run_dir / pipeline.MODEL_DIR}\n(epsilon={p['epsilon_total']:.4g}, delta={p['delta']:.3g})-DP "
-              f"({p['epsilon_train']:.4g} DP-SGD over {p['steps']} steps, noise multiplier {p['noise_multiplier']:.4g}; "
+        print(f"Generator: {run_dir / pipeline.MODEL_DIR}\n"
+              f"(epsilon={p['epsilon_total']:.4g}, delta={p['delta']:.3g})-DP ({p['epsilon_train']:.4g} DP-SGD over "
+              f"{p['steps']} steps, noise multiplier {p['noise_multiplier']:.4g}; "
               f"{p['epsilon_labels']:.4g} label proportions)")
     elif ns.command == "synthesize":
         pipeline.write_config(config, run_dir)
@@ -269,6 +291,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
+    if ns.threads is not None:
+        threads = _threads(ns.threads)
+        if threads is None:
+            logger.error("--threads %r: need an int >= 1 or 'auto'.", ns.threads)
+            return EXIT_USAGE
+        import torch
+
+        torch.set_num_threads(threads)
+        logger.info("torch uses %d CPU thread(s)", threads)
+    if ns.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     file_handler = _log_to_file(run_dir)
     started = time.time()
     try:

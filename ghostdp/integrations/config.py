@@ -34,13 +34,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli backport
+    import tomli as tomllib
 
 __all__ = [
     "ConfigError",
@@ -121,7 +125,8 @@ class DataConfig:
     train_rows: int | None = field(default=None, metadata=_help(
         "Use a seeded random subset of this many private rows (none: all). This subset IS the private dataset "
         "(N in the accounting)."))
-    eval_rows: int | None = field(default=None, metadata=_help("Seeded random subset of the held-out rows (none: all)."))
+    eval_rows: int | None = field(default=None, metadata=_help(
+        "Seeded random subset of the held-out rows (none: all)."))
     data_seed: int = field(default=0, metadata=_help("Seed of the train_rows / eval_rows subsets."))
     sst2_dir: str | None = field(default=None, metadata=_help(
         "Folder holding SST-2's train.tsv/dev.tsv/test.tsv (none: ../shared/data/sst2 beside the checkout)."))
@@ -130,7 +135,8 @@ class DataConfig:
         owner = "data"
         for name in ("train_data", "eval_data", "text_column", "label_column"):
             value = getattr(self, name)
-            _check(isinstance(value, str) and value.strip() != "", f"{owner}.{name}={value!r}: need a non-empty string.")
+            _check(isinstance(value, str) and value.strip() != "",
+                   f"{owner}.{name}={value!r}: need a non-empty string.")
         _check(self.train_data != self.eval_data,
                f"data.eval_data={self.eval_data!r} is the training data: evaluation needs REAL held-out rows the "
                "generator never saw (e.g. 'sst2:dev' or 'sst2:test').")
@@ -147,7 +153,8 @@ class TrainConfig:
     """DP fine-tuning of the generator (``DPTrainer``) and the DP release of the label proportions."""
 
     model: str = field(default="smollm2-135m", metadata=_help(
-        "Causal LM to fine-tune: 'smollm2-135m' (embedded SmolLM2-135M-Instruct), a Hugging Face name or a local path."))
+        "Causal LM to fine-tune: 'smollm2-135m' (embedded SmolLM2-135M-Instruct), a Hugging Face name or a "
+        "local path."))
     method: Literal["lora", "full"] = field(default="lora", metadata=_help(
         "'lora' (PEFT LoRA adapters only; the base stays frozen) or 'full' (every parameter)."))
     lora_rank: int = field(default=8, metadata=_help("LoRA rank r."))
@@ -155,6 +162,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA branch (per example, so DP-safe)."))
     lora_targets: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata=_help(
         "Module names that get LoRA adapters, comma-separated."))
+    lora_layers: int | None = field(default=None, metadata=_help(
+        "Adapt only the top N transformer blocks (none: all). Back-propagation stops at the lowest adapted block, "
+        "so a step gets cheaper, and fewer trainable parameters means less total DP noise."))
     target_epsilon: float = field(default=3.0, metadata=_help(
         "epsilon of DP-SGD training; the noise is calibrated so the planned steps spend at most this."))
     delta: float | None = field(default=None, metadata=_help("delta of (epsilon, delta)-DP (none: 1/(2N))."))
@@ -186,9 +196,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         owner = "train"
-        _check(isinstance(self.model, str) and self.model.strip() != "", f"train.model={self.model!r}: need a name or path.")
+        _check(isinstance(self.model, str) and self.model.strip() != "",
+               f"train.model={self.model!r}: need a name or path.")
         _choice(owner, "method", self.method, ("lora", "full"))
         _positive_int(owner, "lora_rank", self.lora_rank)
+        _positive_int(owner, "lora_layers", self.lora_layers, allow_none=True)
         _number(owner, "lora_alpha", self.lora_alpha, low=0)
         _number(owner, "lora_dropout", self.lora_dropout, low=0, high=0.99, low_open=False)
         targets = _as_str_tuple(self.lora_targets, "train.lora_targets")
@@ -278,12 +290,14 @@ class EvaluateConfig:
     dp_learning_rate: float = field(default=0.05, metadata=_help("Adam learning rate of the DP-on-real baseline."))
     dp_max_grad_norm: float = field(default=1.0, metadata=_help("Clipping bound C of the DP-on-real baseline."))
     floor_samples: int | None = field(default=None, metadata=_help(
-        "Samples from the un-finetuned model (the prior-knowledge floor); none: as many as the synthetic set, 0: skip."))
+        "Samples from the un-finetuned model (the prior-knowledge floor); none: as many as the synthetic set, "
+        "0: skip."))
     perplexity_rows: int | None = field(default=None, metadata=_help(
         "Held-out rows scored for perplexity (none: all; 0: skip)."))
     mauve_clusters: int | None = field(default=None, metadata=_help("k-means clusters of MAUVE (none: n / 10)."))
     memorization_top_k: int = field(default=10, metadata=_help("Worst cases kept by the memorisation check."))
-    eval_seed: int = field(default=0, metadata=_help("Seed of classifiers, MAUVE subsets and the DP baseline's batches."))
+    eval_seed: int = field(default=0, metadata=_help(
+        "Seed of the classifiers and of the MAUVE and perplexity subsets."))
 
     def __post_init__(self) -> None:
         owner = "evaluate"
@@ -322,7 +336,8 @@ class RunConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
-        if self.synthesize.label_proportions == "dp" and not self.synthesize.per_label and self.train.label_epsilon is None:
+        synth = self.synthesize
+        if synth.label_proportions == "dp" and not synth.per_label and self.train.label_epsilon is None:
             raise ConfigError(
                 "synthesize.label_proportions='dp' needs the label counts released under DP during training, but "
                 "train.label_epsilon is none. Set train.label_epsilon (e.g. 0.1; it is added to the reported "
@@ -341,7 +356,8 @@ def _as_pairs(value: Any, where: str) -> tuple[tuple[str, str], ...]:
         items = []
         for part in value.split(","):
             if "=" not in part:
-                raise ConfigError(f"{where}={value!r}: write raw=name pairs separated by commas, e.g. '0=negative,1=positive'.")
+                raise ConfigError(f"{where}={value!r}: write raw=name pairs separated by commas, e.g. "
+                                  "'0=negative,1=positive'.")
             raw, name = part.split("=", 1)
             items.append((raw.strip(), name.strip()))
     elif isinstance(value, Mapping):
@@ -395,8 +411,9 @@ def parse_value(cls: type, name: str, value: Any) -> Any:
         if tp is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-                return value.strip().lower() in ("true", "yes", "1", "on")
+            word = value.strip().lower() if isinstance(value, str) else None
+            if word in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return word in ("true", "yes", "1", "on")
             raise ConfigError(f"{where}={value!r}: need true or false.")
         if tp is int:
             if isinstance(value, bool):

@@ -315,7 +315,8 @@ def heldout_perplexity(
     nll, tokens = 0.0, 0
     for s in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=not show_progress):
         batch = collator([rows[i] for i in order[s:s + batch_size]])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
         labels = batch["labels"].to(device)[:, 1:]  # (B, T-1): position t predicts t+1
         shifted = logits[:, :-1]
         if shifted.dtype in (torch.float16, torch.bfloat16):  # a log-softmax over the vocabulary needs fp32
@@ -405,7 +406,8 @@ def evaluate_synthetic(
     def train_eval(key: str, train: LabelledTexts):
         present = set(train.labels)
         if len(present) < 2:
-            logger.warning("accuracy[%s]: the training set has labels %s only; no classifier (n/a).", key, sorted(present))
+            logger.warning("accuracy[%s]: the training set has labels %s only; no classifier (n/a).", key,
+                           sorted(present))
             return None, None
         clf = probe()
         if isinstance(clf, LinearProbe):
@@ -489,7 +491,14 @@ def evaluate_synthetic(
 def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: dict[str, int],
                    show_progress: bool) -> LabelledTexts | None:
     """Samples from the un-finetuned model: same prompts, sampling and label shares as the synthetic set."""
-    from ghostdp.integrations.synthesize import label_targets, read_synthetic, synthesize
+    from ghostdp.integrations.synthesize import (
+        JSONL,
+        META,
+        ResumeMismatchError,
+        label_targets,
+        read_synthetic,
+        synthesize,
+    )
 
     n = config.evaluate.floor_samples
     total = sum(synthetic_counts.values())
@@ -502,9 +511,18 @@ def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: di
     info = {"model_id": f"base:{gen.info['base_model']}", "base_model": gen.info["base_model"], "finetuned": False,
             "privacy": None, "data": None}
     with gen.base_model() as base:
-        synthesize(base, gen.tokenizer, gen.collator, gen.label_names, config.synthesize, paths.floor,
-                   targets=targets, model_info=info, device=gen.device, show_progress=show_progress)
-    rows = read_synthetic(paths.floor / "synthetic.jsonl")
+        def run():
+            synthesize(base, gen.tokenizer, gen.collator, gen.label_names, config.synthesize, paths.floor,
+                       targets=targets, model_info=info, device=gen.device, show_progress=show_progress)
+
+        try:
+            run()
+        except ResumeMismatchError:  # made with other sampling parameters: public and cheap, so start over
+            logger.info("%s was sampled with other settings; regenerating the floor", paths.floor)
+            for name in (JSONL, META):
+                (paths.floor / name).unlink(missing_ok=True)
+            run()
+    rows = read_synthetic(paths.floor / JSONL)
     return synthetic_texts_from_rows(rows, gen.label_names, str(paths.floor))
 
 
@@ -528,8 +546,9 @@ def _perplexities(config: RunConfig, gen: Any, heldout: LabelledTexts, show_prog
 
 
 _PRIVACY_NOTE = """\
-> **Privacy.** The released artefacts are `model/` and `synthetic/`: together (epsilon = {eps:.4g}, delta = {delta:.3g})-DP
-> ({eps_train:.4g} for DP-SGD fine-tuning, {eps_labels:.4g} for the label proportions; basic composition).
+> **Privacy.** The released artefacts are `model/` and `synthetic/`: together
+> (epsilon = {eps:.4g}, delta = {delta:.3g})-DP ({eps_train:.4g} for DP-SGD fine-tuning, {eps_labels:.4g} for the
+> label proportions; basic composition).
 > This report is NOT a release: the "real (non-private ceiling)" classifier, the memorisation check and its
 > worst cases below use the private training data directly, and quote it.
 """
@@ -549,14 +568,16 @@ def _memorization_section(mem: Any, k: int = 5) -> str:
            f"share >= 0.95: {s['frac_cosine_ge_0.95']:.3f}" if "cosine_max" in s else "") + "."
     )
     lines.append("")
-    for title, cases in (("Worst cases by n-gram", mem.top_by_ngram[:k]), ("Worst cases by cosine", mem.top_by_cosine[:k])):
+    for title, cases in (("Worst cases by n-gram", mem.top_by_ngram[:k]),
+                         ("Worst cases by cosine", mem.top_by_cosine[:k])):
         if not cases:
             continue
         lines += [f"{title} (PRIVATE texts quoted):", "", "| n-gram | cosine | synthetic | nearest private |",
                   "| --- | --- | --- | --- |"]
         for c in cases:
             cos = "n/a" if c.cosine is None else f"{c.cosine:.3f}"
-            lines.append(f"| {c.ngram_length}/{c.synthetic_length} | {cos} | {cut(c.synthetic_text)} | {cut(c.private_text)} |")
+            lines.append(f"| {c.ngram_length}/{c.synthetic_length} | {cos} | {cut(c.synthetic_text)} "
+                         f"| {cut(c.private_text)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -575,7 +596,8 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         raise ConfigError(f"{jsonl} holds no samples: run `ghostdp synthesize` with this --run-dir first.")
     syn_meta = json.loads((paths.synthetic / META).read_text(encoding="utf-8"))
     if syn_meta.get("model", {}).get("model_id") != gen.info["run_id"]:
-        raise ConfigError(f"{paths.synthetic} was sampled from another generator than {paths.model}; re-run synthesize.")
+        raise ConfigError(f"{paths.synthetic} was sampled from another generator than {paths.model}; delete it and "
+                          "re-run synthesize.")
     if not syn_meta.get("complete"):
         logger.warning("%s is incomplete (%s of targets %s); evaluating what is there. Re-run synthesize to finish it.",
                        paths.synthetic, syn_meta.get("counts"), syn_meta.get("targets"))
@@ -620,7 +642,8 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         "training_seconds": gen.info["training"]["seconds"],
         "evaluation_seconds": round(time.time() - started, 1),
     }
-    title = f"ghostdp DP synthetic text: {Path(config.data.train_data).name} -> {gen.info['base_model']} ({gen.info['method']})"
+    title = (f"ghostdp DP synthetic text: {Path(config.data.train_data).name} -> {gen.info['base_model']} "
+             f"({gen.info['method']})")
     report = write_run_report(
         paths.root, title=title, metrics=metrics, training_log=gen.info["training"]["log"],
         accuracies=res["accuracies"], real_texts=heldout.texts, synthetic_texts=synthetic.texts,
@@ -630,8 +653,8 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     # Privacy note under the title, memorisation worst cases at the end.
     text = report.report_md.read_text(encoding="utf-8")
     head, _, rest = text.partition("\n\n")
-    note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"], eps_train=privacy["epsilon_train"],
-                                eps_labels=privacy["epsilon_labels"])
+    note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"],
+                                eps_train=privacy["epsilon_train"], eps_labels=privacy["epsilon_labels"])
     report.report_md.write_text(head + "\n\n" + note + "\n" + rest.rstrip("\n") + "\n\n"
                                 + _memorization_section(mem) + "\n", encoding="utf-8")
     acc = res["accuracies"]

@@ -198,9 +198,16 @@ def _build_model(cfg: TrainConfig):
                 f"train.lora_targets names {missing}, which {cfg.model} does not have. Its module names include "
                 f"{sorted(n for n in present if n.endswith('proj'))[:12]}."
             )
+        layers = {}
+        if cfg.lora_layers is not None:
+            n = getattr(model.config, "num_hidden_layers", None)
+            if n is None or cfg.lora_layers > n:
+                raise ConfigError(f"train.lora_layers={cfg.lora_layers}: {cfg.model} has {n} blocks; pick at most "
+                                  "that.")
+            layers = {"layers_to_transform": list(range(n - cfg.lora_layers, n))}
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM",
+            target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM", **layers,
         ))
     else:
         for p in model.parameters():

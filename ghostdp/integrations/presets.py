@@ -30,18 +30,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"train_data": "sst2:train", "eval_data": "sst2:dev", "train_rows": 2000, "eval_rows": 400},
         "train": {
             "model": "smollm2-135m", "method": "lora", "lora_rank": 8, "lora_alpha": 16.0,
-            "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"),
+            "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"), "lora_layers": 10,
             "target_epsilon": 3.0, "label_epsilon": 0.1, "max_grad_norm": 1.0,
-            "logical_batch_size": 64, "physical_batch_size": 16, "max_steps": 24, "learning_rate": 3e-3,
-            "lr_scheduler": "constant", "max_length": 32, "use_cpu": True,
+            "logical_batch_size": 64, "physical_batch_size": 32, "max_steps": 16, "learning_rate": 5e-3,
+            "lr_scheduler": "constant", "max_length": 24, "template": "A {label} movie review:\n", "use_cpu": True,
         },
         "synthesize": {
             "num_samples": 240, "label_proportions": "dp", "temperature": 1.0, "top_p": 0.95, "top_k": 0,
-            "max_new_tokens": 28, "gen_batch_size": 40,
+            "max_new_tokens": 24, "gen_batch_size": 40,
         },
         "evaluate": {
-            "classifier": "linear_probe", "dp_classifier": "linear_probe", "dp_steps": 300, "dp_batch_size": 256,
-            "dp_learning_rate": 0.05, "floor_samples": 120, "perplexity_rows": 150,
+            "classifier": "linear_probe", "dp_classifier": "linear_probe", "dp_steps": 200, "dp_batch_size": 256,
+            "dp_learning_rate": 0.05, "floor_samples": 120, "perplexity_rows": 64,
         },
     },
     "sst2-full": {

@@ -57,6 +57,7 @@ __all__ = [
     "GENERATOR_META",
     "LabelRelease",
     "LoadedGenerator",
+    "ResumeMismatchError",
     "SynthesisResult",
     "dedup_key",
     "label_targets",
@@ -73,6 +74,10 @@ GENERATOR_META = "ghostdp_model.json"
 JSONL = "synthetic.jsonl"
 CSV = "synthetic.csv"
 META = "synthetic_meta.json"
+
+
+class ResumeMismatchError(ValueError):
+    """The output folder holds samples made with another generator or other sampling parameters."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,7 +287,9 @@ def generate_batch(
         top_k=config.top_k if config.top_k > 0 else None, max_new_tokens=config.max_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=1, repetition_penalty=1.0,
     )
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
@@ -434,9 +441,8 @@ def synthesize(
     old_meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
     if jsonl.is_file() and jsonl.stat().st_size > 0:
         if old_meta is None or old_meta.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{out_dir} already holds samples from a different generator or different sampling parameters "
-                f"(fingerprint {None if old_meta is None else old_meta.get('fingerprint')!r:.20} vs {fingerprint:.16}...). "
+            raise ResumeMismatchError(
+                f"{out_dir} already holds samples from a different generator or different sampling parameters. "
                 "Resuming must use the same model, seed, temperature, top-p, top-k, max_new_tokens and batch size. "
                 "Use another output folder, or delete this one to start over."
             )

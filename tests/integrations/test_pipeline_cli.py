@@ -29,6 +29,16 @@ NEG = "bad awful dull boring tedious".split()
 FILLER = "the film movie plot acting story".split()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs threads that
+    spin-wait for a busy core stall; one thread keeps these tests fast and steady."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Help and usage errors
 # ----------------------------------------------------------------------------------------------------
@@ -94,7 +104,8 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 
 def test_layers_defaults_preset_file_flags_later_wins(tmp_path):
-    cfg_file = _write(tmp_path / "c.toml", '[synthesize]\nnum_samples = 77\ntemperature = 0.8\n[train]\nlora_targets = ["q_proj"]\n')
+    cfg_file = _write(tmp_path / "c.toml",
+                      '[synthesize]\nnum_samples = 77\ntemperature = 0.8\n[train]\nlora_targets = ["q_proj"]\n')
     ns = build_parser().parse_args(["pipeline", "--preset", "cpu-demo", "--config", str(cfg_file), "--temperature",
                                     "0.5", "--no-dedup", "--delta", "1e-6", "--run-dir", str(tmp_path / "r")])
     config, run_dir = resolve_config(ns)

@@ -16,6 +16,7 @@ from tests.conftest import tiny_llama
 from ghostdp.integrations.collators import CollatorConfig, PrefixLMCollator
 from ghostdp.integrations.config import SynthesizeConfig
 from ghostdp.integrations.synthesize import (
+    ResumeMismatchError,
     batch_seed,
     dedup_key,
     label_targets,
@@ -28,6 +29,16 @@ LABELS = ("negative", "positive")
 WORDS = "good great bad awful the film movie plot is was very not [ ][ ]: sst2 negative positive".split()
 MODEL_INFO = {"model_id": "test-model", "base_model": "tiny", "privacy": {"epsilon_total": 3.0, "delta": 1e-5,
               "noise_multiplier": 0.9, "steps": 10}, "data": {"num_examples": 60, "fingerprint": "abc"}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs threads that
+    spin-wait for a busy core stall; one thread keeps these tests fast and steady."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,16 +181,16 @@ def test_duplicates_are_dropped_and_a_degenerate_generator_stops_with_a_shortfal
 
 
 def _run(model, tokenizer, collator, out, **kw):
-    cfg = SynthesizeConfig(num_samples=24, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.5)
-    return synthesize(model, tokenizer, collator, LABELS, cfg, out, targets={"negative": 10, "positive": 14},
+    cfg = SynthesizeConfig(num_samples=14, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.5)
+    return synthesize(model, tokenizer, collator, LABELS, cfg, out, targets={"negative": 6, "positive": 8},
                       model_info=MODEL_INFO, show_progress=False, **kw)
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, tiny_model, tokenizer, collator):
     full = _run(tiny_model, tokenizer, collator, tmp_path / "full")
-    assert full.complete and full.counts == {"negative": 10, "positive": 14}
+    assert full.complete and full.counts == {"negative": 6, "positive": 8}
     expected = read_synthetic(full.jsonl)
-    assert len(expected) == 24 and len({dedup_key(r["text"]) for r in expected}) == 24
+    assert len(expected) == 14 and len({dedup_key(r["text"]) for r in expected}) == 14
 
     # 1. Stopped after 2 batches (a time box), then resumed.
     part = _run(tiny_model, tokenizer, collator, tmp_path / "a", max_batches=2)
@@ -192,7 +203,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, tiny
 
     # 2. Killed by an exception after the third batch, then resumed.
     def boom(info):
-        if info["label"] == "positive" or info["batch"] == 2:
+        if info["label"] == "positive" or info["batch"] == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -202,7 +213,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, tiny
 
     # 3. Died mid-write: a torn last batch (one row missing) and half a line; both are redone identically.
     torn = tmp_path / "c"
-    _run(tiny_model, tokenizer, collator, torn, max_batches=3)
+    _run(tiny_model, tokenizer, collator, torn, max_batches=2)
     lines = (torn / "synthetic.jsonl").read_text().splitlines(keepends=True)
     (torn / "synthetic.jsonl").write_text("".join(lines[:-1]) + lines[-1][:10])
     assert read_synthetic(_run(tiny_model, tokenizer, collator, torn).jsonl) == expected
@@ -222,14 +233,14 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, tiny
 
 def test_resume_with_other_sampling_parameters_or_weights_is_refused(tmp_path, tiny_model, tokenizer, collator):
     _run(tiny_model, tokenizer, collator, tmp_path, max_batches=1)
-    cfg = SynthesizeConfig(num_samples=24, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.0)
-    with pytest.raises(ValueError, match="different generator or different sampling"):
-        synthesize(tiny_model, tokenizer, collator, LABELS, cfg, tmp_path, targets={"negative": 10, "positive": 14},
+    cfg = SynthesizeConfig(num_samples=14, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.0)
+    with pytest.raises(ResumeMismatchError, match="different generator or different sampling"):
+        synthesize(tiny_model, tokenizer, collator, LABELS, cfg, tmp_path, targets={"negative": 6, "positive": 8},
                    model_info=MODEL_INFO, show_progress=False)
-    with pytest.raises(ValueError, match="different generator"):
+    with pytest.raises(ResumeMismatchError, match="different generator"):
         synthesize(tiny_model, tokenizer, collator, LABELS,
-                   SynthesizeConfig(num_samples=24, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.5),
-                   tmp_path, targets={"negative": 10, "positive": 14}, model_info={**MODEL_INFO, "model_id": "other"},
+                   SynthesizeConfig(num_samples=14, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.5),
+                   tmp_path, targets={"negative": 6, "positive": 8}, model_info={**MODEL_INFO, "model_id": "other"},
                    show_progress=False)
 
 
