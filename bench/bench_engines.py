@@ -17,11 +17,14 @@ for how memory is defined.
 
 Cases: on CUDA, SmolLM2-135M (LoRA and full, T = 128 / 512 / 1024, bf16), Llama-2-7B sizes (random
 weights, LoRA r = 16 on all linear layers) and a 1.1B Llama (full); on CPU, a tiny Llama and SmolLM2-135M
-at T = 128, fp32. ``GHOSTDP_BENCH_CASES`` (comma-separated substrings of case ids) selects cases;
-``GHOSTDP_BENCH_ROUNDS`` / ``_STEPS`` / ``_WARMUP`` / ``_BATCH`` override the repetition counts and batch.
+at T = 128, fp32 (the full fine-tuning cases also untied, so that Opacus' ghost clipping, which refuses
+tied parameters, gets a row). ``GHOSTDP_BENCH_CASES`` (comma-separated substrings of case ids) selects cases;
+``GHOSTDP_BENCH_ENGINES`` (comma-separated names) selects engines; ``GHOSTDP_BENCH_ROUNDS`` / ``_STEPS`` /
+``_WARMUP`` / ``_BATCH`` / ``_THREADS`` override the repetition counts, batch size and CPU threads.
 
-Results are merged, case by case, into bench/results/engines_<device>.{json,md}, with the device name,
-library versions, commit and CPU load of the run; ratios only ever divide figures of one run.
+Results are merged, by (case, engine), into bench/results/engines_<device>.{json,md}, with the device
+name, library versions, commit and CPU load of each run; a row names its run, and its ratios only ever
+divide figures of that run.
 """
 
 from __future__ import annotations
@@ -79,13 +82,14 @@ def _cases() -> list[core.Case]:
             core.Case("tiny-llama", False, 128, BATCH, untie_embeddings=True),
             core.Case("smollm2-135m", True, 128, BATCH),
             core.Case("smollm2-135m", False, 128, BATCH),
+            core.Case("smollm2-135m", False, 128, BATCH, untie_embeddings=True),
         ]
     wanted = [w for w in os.environ.get("GHOSTDP_BENCH_CASES", "").split(",") if w]
     return [c for c in cases if not wanted or any(w in c.id for w in wanted)]
 
 
 CASES = _cases()
-ENGINES = core.default_engines(DEVICE)
+ENGINES = [e for e in os.environ.get("GHOSTDP_BENCH_ENGINES", "").split(",") if e] or core.default_engines(DEVICE)
 # Case by case, round by round, engines rotated: the interleaving that makes same-run ratios fair.
 ITEMS = [(case, k, engine) for case in CASES for k in range(ROUNDS) for engine in core.rotated(ENGINES, k)]
 

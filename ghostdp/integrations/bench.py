@@ -866,11 +866,14 @@ def new_result(run: str, env: dict, settings: dict, rows: list[dict]) -> dict:
 
 
 def merge_results(old: dict | None, new: dict) -> dict:
-    """Rows of ``new`` replace the rows of ``old`` for the same cases; runs no row refers to are dropped."""
+    """Rows of ``new`` replace the rows of ``old`` for the same (case, engine); runs no row refers to are
+    dropped. Each row keeps the ratios of its own run (the table names the run of every row)."""
     if not old:
         return new
-    cases = {r["case"] for r in new["rows"]}
-    rows = [r for r in old.get("rows", []) if r["case"] not in cases] + new["rows"]
+    keys = {(r["case"], r["engine"]) for r in new["rows"]}
+    rows = [r for r in old.get("rows", []) if (r["case"], r["engine"]) not in keys] + new["rows"]
+    order = {case: i for i, case in enumerate(dict.fromkeys(r["case"] for r in rows))}
+    rows.sort(key=lambda r: order[r["case"]])
     runs = {**old.get("runs", {}), **new["runs"]}
     used = {r["run"] for r in rows}
     return {"runs": {k: v for k, v in runs.items() if k in used}, "rows": rows}
@@ -893,10 +896,11 @@ def _fmt(x: float | None, spec: str) -> str:
 def markdown(result: dict, *, title: str = "ghostdp vs non-private vs Opacus") -> str:
     """The result as Markdown: each run's environment, one table, the goals."""
     lines = [f"# {title}", ""]
+    label = {run: f"r{i + 1}" for i, run in enumerate(result["runs"])}
     for run, env in result["runs"].items():
         s = env.get("settings", {})
         lines.append(
-            f"- run `{run}`: {env['device']}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
+            f"- {label[run]} = run `{run}`: {env['device']}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
             f"peft {env.get('peft')}, opacus {env.get('opacus')}, triton {env.get('triton')}; commit "
             f"{env.get('commit')}; {env.get('date')}; load average at start {env.get('load_average_start')}"
             + (f", at end {env.get('load_average_end')}" if env.get("load_average_end") else "")
@@ -915,15 +919,15 @@ def markdown(result: dict, *, title: str = "ghostdp vs non-private vs Opacus") -
         "imports and a throwaway miniature step (glibc mmap threshold fixed at 64 KiB, so freed tensors "
         "leave RSS). Both include weights and optimizer state.",
         "",
-        "| case | engine | trainable | wall s min / median | x np | CPU s min / median | x np | n "
+        "| case | engine | run | trainable | wall s min / median | x np | CPU s min / median | x np | n "
         "| peak memory | memory x np | max batch | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         mb = "-" if r.get("max_batch_budget_bytes") is None else (
             f"{r['max_batch'] if r['max_batch'] is not None else 'none'} @ {_fmt_bytes(r['max_batch_budget_bytes'])}")
         lines.append(
-            f"| {r['case']} | {r['engine']} | {_fmt(r['trainable'], ',')} "
+            f"| {r['case']} | {r['engine']} | {label.get(r['run'], r['run'])} | {_fmt(r['trainable'], ',')} "
             f"| {_fmt(r['step_min_s'], '.3f')} / {_fmt(r['step_median_s'], '.3f')} "
             f"| {_fmt(r['time_ratio_min'], '.2f')} / {_fmt(r['time_ratio_median'], '.2f')} "
             f"| {_fmt(r.get('cpu_min_s'), '.3f')} / {_fmt(r.get('cpu_median_s'), '.3f')} "

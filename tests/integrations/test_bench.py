@@ -81,18 +81,22 @@ def test_json_and_markdown(tiny_result, tmp_path):
         assert key in env
     assert env["device"].startswith("CPU")
     md = (tmp_path / "engines.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("| tiny-llama") and line.count("|") == 13]
+    table = [line for line in md.splitlines() if line.startswith("| tiny-llama") and line.count("|") == 14]
     assert len(table) == len(data["rows"])
     assert "unsupported: NotImplementedError" in md and "## Goals" in md
 
 
-def test_merge_replaces_cases_and_keeps_others(tiny_result):
-    lora_only = {"runs": {"new": {"device": "x"}},
-                 "rows": [dict(r, run="new") for r in tiny_result["rows"] if r["mode"] == "lora"]}
-    merged = bench.merge_results(tiny_result, lora_only)
-    assert {r["run"] for r in merged["rows"] if r["mode"] == "lora"} == {"new"}
-    assert {r["run"] for r in merged["rows"] if r["mode"] == "full"} == {"smoke"}
+def test_merge_replaces_case_engine_rows_and_keeps_others(tiny_result):
+    redo = {"runs": {"new": {"device": "x"}},
+            "rows": [dict(r, run="new") for r in tiny_result["rows"]
+                     if r["mode"] == "lora" and r["engine"] in ("non-private", "ghostdp-auto-torch")]}
+    merged = bench.merge_results(tiny_result, redo)
+    assert len(merged["rows"]) == len(tiny_result["rows"])
+    runs = {(r["mode"], r["engine"]): r["run"] for r in merged["rows"]}
+    assert runs[("lora", "ghostdp-auto-torch")] == "new" and runs[("lora", "opacus-hooks")] == "smoke"
+    assert runs[("full", "non-private")] == "smoke"
     assert set(merged["runs"]) == {"smoke", "new"}
+    assert "| r2 |" in bench.markdown(merged)
 
 
 def test_goals_are_judged_on_the_auto_engine(tiny_result):
