@@ -4,6 +4,7 @@
     ghostdp train --config run.toml --run-dir runs/a    # DP fine-tuning only -> runs/a/model
     ghostdp synthesize --run-dir runs/a --num-samples 1000
     ghostdp evaluate --run-dir runs/a
+    ghostdp bench --lora --seq-len 128                  # engine speed/memory vs non-private and Opacus
     ghostdp <command> --help                            # every option, with its meaning and default
 
 Configuration, later wins: the dataclass defaults (``ghostdp.integrations.config``), the run folder's
@@ -57,6 +58,9 @@ COMMAND_HELP = {
     "pipeline": "train, synthesize and evaluate in one run folder.",
 }
 
+BENCH_HELP = ("Speed and memory of ghostdp against non-private training and Opacus "
+              "(ghostdp.integrations.bench).")
+
 #: Flags of the train section that synthesize/evaluate also need (device, seeds); the rest stay hidden there.
 _SHARED_TRAIN_FLAGS = ("use_cpu", "dp_seed")
 
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ghostdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ghostdp {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,synthesize,evaluate,pipeline}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,synthesize,evaluate,pipeline,bench}")
     for command, sections in COMMAND_SECTIONS.items():
         p = sub.add_parser(command, help=COMMAND_HELP[command], description=COMMAND_HELP[command],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         for section in sections:
             only = _SHARED_TRAIN_FLAGS if section == "train" and command in ("synthesize", "evaluate") else None
             _add_section_flags(p, section, only)
+    from ghostdp.integrations import bench
+
+    p = sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
+    bench.add_arguments(p)
     return parser
 
 
@@ -285,6 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if ns.command == "bench":  # its own options and exit codes (ghostdp.integrations.bench.run)
+        from ghostdp.integrations import bench
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return bench.run(ns)
     _setup_logging(ns)
     try:
         config, run_dir = resolve_config(ns)

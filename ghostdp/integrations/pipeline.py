@@ -47,6 +47,7 @@ from ghostdp.integrations.synthesize import (
     GENERATOR_META,
     LoadedGenerator,
     SynthesisResult,
+    drop_gguf_marker,
     label_targets,
     load_generator,
     make_collator,
@@ -163,30 +164,16 @@ def _train_identity(config: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps({"data": d, "train": dataclasses.asdict(config.train)}))
 
 
-def _drop_gguf_marker(model: torch.nn.Module) -> None:
-    """A model read from GGUF (the embedded SmolLM2) carries transformers' GGUF "quantizer", although its
-    weights were dequantized to float32 on load. The marker makes the Trainer refuse to train it and
-    ``save_pretrained`` refuse to save it; the weights are ordinary tensors, so drop it."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return
-    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
-    if "gguf" not in method.lower():
-        raise ConfigError(
-            f"train.model is quantized ({method}); DP fine-tuning needs float weights (per-example gradients and "
-            "clipping of quantized layers are not supported). Load an unquantized checkpoint."
-        )
-    bad = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
-    if bad:
-        raise ConfigError(f"train.model: GGUF weights were not dequantized (dtypes {bad}); cannot fine-tune them.")
-    quantizer.remove_quantization_config(model)  # transformers' own undo: quantizer, config entry, is_quantized
-
-
 def _build_model(cfg: TrainConfig):
     from ghostdp.integrations.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(cfg.model)
-    _drop_gguf_marker(model)
+    drop_gguf_marker(model)
+    if getattr(model, "is_quantized", False):
+        raise ConfigError(
+            f"train.model={cfg.model!r} is quantized: DP fine-tuning needs float weights (per-example gradients of "
+            "quantized layers are not supported). Load an unquantized checkpoint."
+        )
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn here
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model

@@ -60,8 +60,10 @@ def test_help_of_each_command_lists_its_options(capsys, command, flags):
 
 def test_top_level_help_and_missing_command(capsys):
     assert main(["--help"]) == 0
-    assert "train,synthesize,evaluate,pipeline" in capsys.readouterr().out
+    assert "train,synthesize,evaluate,pipeline,bench" in capsys.readouterr().out
     assert main([]) == 2
+    assert main(["bench", "--help"]) == 0
+    assert "--engines" in capsys.readouterr().out
 
 
 def _write(path: Path, text: str) -> Path:
@@ -86,7 +88,7 @@ def test_bad_configuration_exits_2_with_a_message(tmp_path, capsys, toml, messag
     assert message in capsys.readouterr().err
 
 
-def test_usage_errors_exit_2(tmp_path, capsys):
+def test_usage_errors_exit_2(tmp_path, capsys, sst2_dir):
     assert main(["pipeline", "--preset", "no-such-preset"]) == 2
     assert main(["train", "--lora-rnak", "4"]) == 2
     assert main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
@@ -96,6 +98,17 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["evaluate", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert main(["train", "--run-dir", str(tmp_path / "r"), "--max-steps", "0"]) == 2
     assert "train.max_steps=0" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_threads_auto_is_at_least_one_and_at_most_the_cores():
+    import os
+
+    from ghostdp.cli import _threads
+
+    assert 1 <= _threads("auto") <= (os.cpu_count() or 1)
+    assert _threads("3") == 3 and _threads("0") is None and _threads("many") is None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,7 +116,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_layers_defaults_preset_file_flags_later_wins(tmp_path):
+def test_layers_defaults_preset_file_flags_later_wins(tmp_path, sst2_dir):
     cfg_file = _write(tmp_path / "c.toml",
                       '[synthesize]\nnum_samples = 77\ntemperature = 0.8\n[train]\nlora_targets = ["q_proj"]\n')
     ns = build_parser().parse_args(["pipeline", "--preset", "cpu-demo", "--config", str(cfg_file), "--temperature",
