@@ -866,12 +866,17 @@ def new_result(run: str, env: dict, settings: dict, rows: list[dict]) -> dict:
 
 
 def merge_results(old: dict | None, new: dict) -> dict:
-    """Rows of ``new`` replace the rows of ``old`` for the same (case, engine); runs no row refers to are
-    dropped. Each row keeps the ratios of its own run (the table names the run of every row)."""
+    """Rows of ``new`` replace the rows of ``old`` for the same (case, engine), except that an old
+    ``non-private`` row stays while an old row of its run and case does: it is their ratios' base.
+    Runs no row refers to are dropped; the table names the run of every row."""
     if not old:
         return new
     keys = {(r["case"], r["engine"]) for r in new["rows"]}
-    rows = [r for r in old.get("rows", []) if (r["case"], r["engine"]) not in keys] + new["rows"]
+    kept = [r for r in old.get("rows", []) if (r["case"], r["engine"]) not in keys]
+    based = {(r["run"], r["case"]) for r in kept if r["engine"] != NON_PRIVATE}
+    bases = [r for r in old.get("rows", []) if r["engine"] == NON_PRIVATE and (r["case"], r["engine"]) in keys
+             and (r["run"], r["case"]) in based]
+    rows = kept + bases + new["rows"]
     order = {case: i for i, case in enumerate(dict.fromkeys(r["case"] for r in rows))}
     rows.sort(key=lambda r: order[r["case"]])
     runs = {**old.get("runs", {}), **new["runs"]}
