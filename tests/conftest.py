@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run in its interpreter. Triton decides compile vs interpret when a kernel is
+# defined, and any test module may import ghostdp's kernels at collection, so this is set here, in the
+# first conftest pytest loads (tests/kernels/conftest.py repeats it for runs of that folder alone).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
