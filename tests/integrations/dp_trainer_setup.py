@@ -98,3 +98,7 @@ if __name__ == "__main__":
     params, eps, losses = ddp_run(os.path.join(os.path.dirname(out), "ddp_out"))
     if dist.get_rank() == 0:
         torch.save({"params": params, "epsilon": eps, "losses": losses, "world": dist.get_world_size()}, out)
+    # Tear the gloo group down before exit: left to interpreter shutdown, its threads can abort the process
+    # ("terminate called without an active exception") after the work is done.
+    dist.barrier()
+    dist.destroy_process_group()
