@@ -878,8 +878,9 @@ def merge_results(old: dict | None, new: dict) -> dict:
              and (r["run"], r["case"]) in based]
     rows = kept + bases + new["rows"]
     order = {case: i for i, case in enumerate(dict.fromkeys(r["case"] for r in rows))}
-    rows.sort(key=lambda r: order[r["case"]])
     runs = {**old.get("runs", {}), **new["runs"]}
+    run_order = {run: i for i, run in enumerate(runs)}
+    rows.sort(key=lambda r: (order[r["case"]], run_order.get(r["run"], -1), r["engine"] != NON_PRIVATE))
     used = {r["run"] for r in rows}
     return {"runs": {k: v for k, v in runs.items() if k in used}, "rows": rows}
 
@@ -923,6 +924,10 @@ def markdown(result: dict, *, title: str = "ghostdp vs non-private vs Opacus") -
         "max_memory_allocated; CPU: peak RSS of a fresh process during the steps minus its RSS after "
         "imports and a throwaway miniature step (glibc mmap threshold fixed at 64 KiB, so freed tensors "
         "leave RSS). Both include weights and optimizer state.",
+        *(["", "CPU runs: on a machine other jobs share, the step times of one run move by 10-30% between "
+               "steps; read ratios within a run, and trust rows with more timed steps (n) more. The PyTorch "
+               "twins run there, never the Triton kernels."]
+          if any(env.get("device", "").startswith("CPU") for env in result["runs"].values()) else []),
         "",
         "| case | engine | run | trainable | wall s min / median | x np | CPU s min / median | x np | n "
         "| peak memory | memory x np | max batch | status |",

@@ -163,3 +163,24 @@ def test_run_prints_the_table_and_writes_files(tmp_path, capsys):
 def test_run_rejects_bad_options(capsys):
     assert bench.run(_parse(["--model", "tiny-llama", "--engines", "nope", "--device", "cpu"])) == 2
     assert "unknown engine" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_engines_in_fresh_processes():
+    """On a GPU: every default CUDA engine (Triton kernels included) on the tiny Llama in bf16, memory
+    from fresh processes (max_memory_allocated), one timed step each."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    case = bench.Case(lora=False, device="cuda", dtype="bfloat16", **TINY)
+    result = bench.compare([case], bench.default_engines("cuda"), rounds=1, steps=1, warmup=1, memory_steps=2,
+                           run="gpu-smoke")
+    for r in result["rows"]:
+        if r["engine"] == "opacus-ghost":
+            assert r["status"].startswith("unsupported:")
+            continue
+        assert r["status"] == "ok", (r["engine"], r["status"])
+        assert r["peak_bytes"] > 0 and r["memory_kind"] == "cuda max_memory_allocated"
+        assert r["cpu_min_s"] is None and r["step_min_s"] > 0
+    assert result["runs"]["gpu-smoke"]["device"] == torch.cuda.get_device_name()
