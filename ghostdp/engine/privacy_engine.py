@@ -315,14 +315,16 @@ class PrivacyEngine:
                 p.grad.div_(self.expected_batch_size)
                 continue
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            g = p.grad.to(dtype)
+            g = p.grad.to(dtype)  # no copy for fp32/fp64 gradients: updated in place below
             if noise_here:
                 gen = self._noise_generator(p.device)
                 z = torch.randn(p.shape, generator=gen, dtype=dtype, device=gen.device)
-                g = g + std * z.to(p.device)
+                g.add_(z.to(p.device), alpha=std)
             if world > 1:
                 dist.all_reduce(g)
-            p.grad = (g / self.expected_batch_size).to(p.dtype)
+            g.div_(self.expected_batch_size)
+            if g is not p.grad:
+                p.grad = g.to(p.dtype)
         self.steps += 1
         if self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

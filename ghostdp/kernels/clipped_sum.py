@@ -65,22 +65,31 @@ def linear_clipped_sum_torch(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
                              noise_std: float, seed: int | None) -> torch.Tensor:
     """Twin of :func:`linear_clipped_sum` (validated inputs, a (B, T, d), g (B, T, p)).
 
-    sum_i c_i g_i^T a_i as fp32 GEMMs (c_i g_i)^T a_i over blocks of examples, with c_i applied
-    to fp32 copies of g_i (no rounding to the input dtype); then noise_std * torch.randn in fp32,
-    the scale, and one rounding into ``out``.
+    sum_i c_i g_i^T a_i as fp32 GEMMs over blocks of examples, c_i applied in fp32 to the narrower of
+    g_i and a_i (no rounding to the input dtype); then noise_std * torch.randn in fp32, the scale, and
+    one rounding into ``out`` (or, for an fp32/fp64 ``out`` with nothing else to apply, addmm into it).
     """
     B, T, d = a.shape
     p = g.shape[2]
     acc = accumulation_dtype(a.dtype)
     if out is not None and out.dtype == torch.float64:
         acc = torch.float64
-    total = torch.zeros((p, d), dtype=acc, device=a.device)  # (p, d)
+    # Accumulate straight into ``out`` when it already has the accumulation dtype and nothing else is
+    # applied; otherwise into an fp32/fp64 buffer that is rounded into ``out`` once.
+    direct = out is not None and accumulate and out.dtype == acc and noise_std == 0 and scale == 1.0
+    total = out if direct else torch.zeros((p, d), dtype=acc, device=a.device)  # (p, d)
     itemsize = torch.finfo(acc).bits // 8
     step = max(1, min(max(B, 1), TWIN_BLOCK_BYTES // max(1, itemsize * T * (p + d))))
     for s in range(0, B, step):
-        g_blk = g[s:s + step].to(acc) * c[s:s + step].to(acc)[:, None, None]  # (b, T, p)
-        a_blk = a[s:s + step].to(acc)  # (b, T, d)
-        total += g_blk.flatten(0, 1).T @ a_blk.flatten(0, 1)  # (p, d)
+        c_blk = c[s:s + step].to(acc)[:, None, None]
+        g_blk, a_blk = g[s:s + step].to(acc), a[s:s + step].to(acc)  # (b, T, p), (b, T, d)
+        if d <= p:  # scale the narrower side: c_i g_i^T a_i = g_i^T (c_i a_i)
+            a_blk = a_blk * c_blk
+        else:
+            g_blk = g_blk * c_blk
+        total.addmm_(g_blk.flatten(0, 1).T, a_blk.flatten(0, 1))  # (p, d)
+    if direct or out is None and noise_std == 0 and scale == 1.0:
+        return total
     if noise_std > 0:
         total += noise_std * randn_twin((p, d), seed=seed, device=a.device).to(acc)
     total *= scale
