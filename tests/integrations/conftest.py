@@ -68,3 +68,15 @@ def minilm_embedder():
     from ghostdp.integrations.embeddings import EmbedderConfig, MiniLMEmbedder
 
     return MiniLMEmbedder(EmbedderConfig(show_progress=False))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs threads that
+    spin-wait for a busy core stall; one thread keeps these tests fast and steady."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -31,14 +31,7 @@ MODEL_INFO = {"model_id": "test-model", "base_model": "tiny", "privacy": {"epsil
               "noise_multiplier": 0.9, "steps": 10}, "data": {"num_examples": 60, "fingerprint": "abc"}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs threads that
-    spin-wait for a busy core stall; one thread keeps these tests fast and steady."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------------
