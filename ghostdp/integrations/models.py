@@ -52,4 +52,23 @@ def load_causal_lm(name_or_path: str = EMBEDDED_SMOLLM2, *, dtype: torch.dtype =
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if "gguf_file" in kwargs:
+        drop_gguf_marker(model)
     return model, tokenizer
+
+
+def drop_gguf_marker(model) -> bool:
+    """Drop the GGUF "quantizer" of a model read from GGUF; True if there was one.
+
+    transformers dequantizes GGUF weights to float tensors on load but keeps a GGUF quantizer on the model,
+    which makes the Trainer refuse to train it and ``save_pretrained`` refuse to save it. The weights are
+    ordinary float tensors (checked), so the marker is removed. Other quantizers are left alone.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
+    if quantizer is None or "gguf" not in method.lower():
+        return False
+    if any(not p.dtype.is_floating_point for p in model.parameters()):
+        return False
+    quantizer.remove_quantization_config(model)  # transformers' own undo: quantizer, config entry, is_quantized
+    return True

@@ -47,7 +47,6 @@ from ghostdp.integrations.synthesize import (
     GENERATOR_META,
     LoadedGenerator,
     SynthesisResult,
-    drop_gguf_marker,
     label_targets,
     load_generator,
     make_collator,
@@ -168,7 +167,6 @@ def _build_model(cfg: TrainConfig):
     from ghostdp.integrations.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(cfg.model)
-    drop_gguf_marker(model)
     if getattr(model, "is_quantized", False):
         raise ConfigError(
             f"train.model={cfg.model!r} is quantized: DP fine-tuning needs float weights (per-example gradients of "

@@ -60,7 +60,6 @@ __all__ = [
     "ResumeMismatchError",
     "SynthesisResult",
     "dedup_key",
-    "drop_gguf_marker",
     "label_targets",
     "load_generator",
     "read_synthetic",
@@ -202,23 +201,6 @@ class LoadedGenerator:
             del base
 
 
-def drop_gguf_marker(model: torch.nn.Module) -> bool:
-    """Drop the GGUF "quantizer" of a model read from GGUF (the embedded SmolLM2); True if there was one.
-
-    transformers dequantizes GGUF weights to float tensors on load but keeps a GGUF quantizer on the model,
-    which makes the Trainer refuse to train it and ``save_pretrained`` refuse to save it. The weights are
-    ordinary float tensors (checked), so the marker is removed. Other quantizers are left alone.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
-    if quantizer is None or "gguf" not in method.lower():
-        return False
-    if any(not p.dtype.is_floating_point for p in model.parameters()):
-        return False
-    quantizer.remove_quantization_config(model)  # transformers' own undo: quantizer, config entry, is_quantized
-    return True
-
-
 def pick_device(use_cpu: bool = False) -> torch.device:
     """CUDA when available (and not ``use_cpu``), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
@@ -256,7 +238,6 @@ def load_generator(model_dir: str | Path, *, use_cpu: bool = False) -> LoadedGen
         from ghostdp.integrations.models import load_causal_lm
 
         base, _ = load_causal_lm(info["base_model"])
-        drop_gguf_marker(base)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)

