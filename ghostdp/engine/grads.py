@@ -81,7 +81,10 @@ class PerExampleGrad:
     def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch") -> None:
         """out += sum_i c_i G_i, summed in compute dtype and rounded once into ``out``."""
         total = self.clipped_sum(c)
-        out.copy_(total + out.to(total.dtype))
+        if out.dtype == total.dtype:
+            out.add_(total)
+        else:  # a bf16/fp16 gradient: sum in the compute dtype, round once
+            out.copy_(total + out.to(total.dtype))
 
     def device(self) -> torch.device:
         raise NotImplementedError  # pragma: no cover
