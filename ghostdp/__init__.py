@@ -13,8 +13,8 @@ _LAZY = {
     "PrivacyEngine": ("ghostdp.engine.privacy_engine", "PrivacyEngine"),
     "UnsupportedModuleError": ("ghostdp.engine.errors", "UnsupportedModuleError"),
     "per_example_lm_loss": ("ghostdp.engine.loss", "per_example_lm_loss"),
-    "DPTrainer": ("ghostdp.integrations.trainer", "DPTrainer"),
-    "DPTrainingArguments": ("ghostdp.integrations.dp_args", "DPTrainingArguments"),
+    "DPTrainer": ("ghostdp.integrations.hf.trainer", "DPTrainer"),
+    "DPTrainingArguments": ("ghostdp.integrations.hf.args", "DPTrainingArguments"),
     "accounting": ("ghostdp.accounting", None),
     "data": ("ghostdp.data", None),
 }

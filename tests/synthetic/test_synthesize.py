@@ -1,0 +1,245 @@
+"""DP synthesis: label proportions under DP, targets, generation from the exact prefix ids, dedup, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import tiny_llama
+
+from ghostdp.integrations.hf.collators import CollatorConfig, PrefixLMCollator
+from ghostdp.integrations.synthetic.config import SynthesizeConfig
+from ghostdp.integrations.synthetic.synthesize import (
+    ResumeMismatchError,
+    batch_seed,
+    dedup_key,
+    label_targets,
+    read_synthetic,
+    release_label_counts,
+    synthesize,
+)
+
+LABELS = ("negative", "positive")
+WORDS = "good great bad awful the film movie plot is was very not [ ][ ]: sst2 negative positive".split()
+MODEL_INFO = {"model_id": "test-model", "base_model": "tiny", "privacy": {"epsilon_total": 3.0, "delta": 1e-5,
+              "noise_multiplier": 0.9, "steps": 10}, "data": {"num_examples": 60, "fingerprint": "abc"}}
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Label proportions under DP
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_label_release_adds_discrete_laplace_noise_with_the_right_spread():
+    """Noisy counts are integers centred on the exact counts with Var = 2 e^-eps / (1 - e^-eps)^2; the
+    exact counts come out only as often as the noise is 0 on every label (never as a rule)."""
+    counts = {"negative": 891, "positive": 1109}
+    eps = 0.5
+    rng = np.random.default_rng(0)
+    draws = np.array([[r.noisy_counts[k] for k in counts] for r in
+                      (release_label_counts(counts, eps, rng=rng) for _ in range(4000))])  # (4000, 2)
+    noise = draws - np.array(list(counts.values()))
+    a = math.exp(-eps)
+    var = 2 * a / (1 - a) ** 2  # 7.83 for eps = 0.5
+    assert abs(noise.mean()) < 0.25
+    assert noise.var() == pytest.approx(var, rel=0.1)
+    p_zero = (1 - a) / (1 + a)  # P(Z = 0) per label
+    exact = np.mean(np.all(noise == 0, axis=1))
+    assert exact == pytest.approx(p_zero**2, abs=0.02) and exact < 0.1
+    assert len(np.unique(draws[:, 0])) > 10
+
+
+def test_label_release_proportions_are_post_processed_noisy_counts():
+    release = release_label_counts({"a": 3, "b": 0, "c": 5}, 1.0, rng=np.random.default_rng(1))
+    assert set(release.noisy_counts) == {"a", "b", "c"} and "discrete Laplace" in release.mechanism
+    clamped = {k: max(0, v) for k, v in release.noisy_counts.items()}
+    assert release.proportions == pytest.approx({k: v / sum(clamped.values()) for k, v in clamped.items()})
+    assert sum(release.proportions.values()) == pytest.approx(1.0)
+    # Without a generator the noise comes from OS entropy: two releases differ (almost surely over 20 tries).
+    outs = {tuple(release_label_counts({"a": 1000, "b": 1000}, 0.1).noisy_counts.values()) for _ in range(20)}
+    assert len(outs) > 1
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="epsilon"):
+            release_label_counts({"a": 1}, bad)
+
+
+def test_label_targets_sum_exactly_and_follow_proportions():
+    assert label_targets(LABELS, 7, per_label=False, proportions=None) == {"negative": 4, "positive": 3}
+    assert label_targets(LABELS, 100, per_label=False, proportions={"negative": 0.446, "positive": 0.554}) == {
+        "negative": 45, "positive": 55}
+    assert label_targets(("a", "b", "c"), 10, per_label=False, proportions={"a": 1, "b": 1, "c": 1}) == {
+        "a": 4, "b": 3, "c": 3}
+    assert label_targets(LABELS, 5, per_label=True, proportions={"negative": 1.0, "positive": 0.0}) == {
+        "negative": 5, "positive": 5}
+    assert label_targets(LABELS, 9, per_label=False, proportions={"negative": 0.0, "positive": 0.0}) == {
+        "negative": 5, "positive": 4}  # all clamped to 0: uniform
+    with pytest.raises(ValueError, match="no entry"):
+        label_targets(LABELS, 9, per_label=False, proportions={"negative": 1.0})
+
+
+def test_batch_seed_depends_on_seed_label_and_batch_only():
+    seeds = {batch_seed(s, l, b) for s in range(3) for l in range(2) for b in range(5)}
+    assert len(seeds) == 30 and batch_seed(0, 1, 2) == batch_seed(0, 1, 2)
+
+
+def test_dedup_key_normalises_whitespace_and_case():
+    assert dedup_key("  A  good\nfilm ") == dedup_key("a good film") != dedup_key("a good films")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(make_word_tokenizer):
+    return make_word_tokenizer(WORDS, pad=True)
+
+
+@pytest.fixture(scope="module")
+def collator(tokenizer):
+    return PrefixLMCollator(tokenizer, CollatorConfig(max_length=16))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    model = tiny_llama(True, vocab=len(tokenizer), dtype=torch.float32, seed=3)
+    return model.eval()
+
+
+class ScriptedLM(nn.Module):
+    """A stand-in with ``generate``: records its inputs, emits ``choices`` tokens drawn with the (seeded)
+    global RNG, then EOS, then junk after the EOS (which must be cut)."""
+
+    def __init__(self, choices: list[list[int]], eos: int, junk: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.choices, self.eos, self.junk = choices, eos, junk
+        self.calls: list[torch.Tensor] = []
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        self.calls.append(input_ids.clone())
+        width = max(len(c) for c in self.choices) + 3
+        rows = []
+        for _ in range(input_ids.shape[0]):
+            c = self.choices[int(torch.randint(len(self.choices), (1,)))]
+            rows.append(c + [self.eos] + [self.junk] * (width - len(c) - 1))
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_generation_starts_from_the_collators_prefix_ids_and_stops_at_eos(tmp_path, tokenizer, collator):
+    texts = ("good film", "bad film", "the plot", "very good", "not great", "great movie", "the film was bad",
+             "awful plot")
+    choices = [_ids(tokenizer, w) for w in texts]
+    model = ScriptedLM(choices, collator.eos_token_id, junk=_ids(tokenizer, "is")[0])
+    cfg = SynthesizeConfig(num_samples=3, per_label=True, gen_batch_size=4, max_new_tokens=8, max_batches_factor=10)
+    res = synthesize(model, tokenizer, collator, LABELS, cfg, tmp_path, targets={"negative": 3, "positive": 3},
+                     model_info=MODEL_INFO, show_progress=False)
+    assert res.complete
+    for call in model.calls:
+        prefixes = {tuple(collator.prefix_ids(lb)) for lb in LABELS}
+        assert call.shape[0] == 4 and tuple(call[0].tolist()) in prefixes
+        assert all(row.tolist() == call[0].tolist() for row in call)
+    rows = read_synthetic(tmp_path / "synthetic.jsonl")
+    assert len(rows) == 6 and all(" is" not in r["text"] and r["eos"] for r in rows)
+    assert {r["text"] for r in rows} <= set(texts)
+
+
+def test_duplicates_are_dropped_and_a_degenerate_generator_stops_with_a_shortfall(tmp_path, tokenizer, collator):
+    choices = [_ids(tokenizer, w) for w in ("good", "Good", "bad")]  # "Good" is unknown -> <unk> -> "" (empty)
+    model = ScriptedLM(choices, collator.eos_token_id, junk=0)
+    cfg = SynthesizeConfig(num_samples=4, per_label=True, gen_batch_size=4, max_new_tokens=4, max_batches_factor=3)
+    res = synthesize(model, tokenizer, collator, LABELS, cfg, tmp_path, targets={"negative": 4, "positive": 4},
+                     model_info=MODEL_INFO, show_progress=False)
+    rows = read_synthetic(tmp_path / "synthetic.jsonl")
+    keys = [dedup_key(r["text"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2  # "good" and "bad", once over both labels
+    assert not res.complete and res.stats["duplicates"] > 0
+    meta = json.loads(res.meta.read_text())
+    assert meta["shortfall"] == {"negative": 2, "positive": 4} and meta["complete"] is False
+    assert meta["stats"]["batches"] == 6  # 3 x ceil(4 / 4) batches per label, then it gives up
+
+
+def _run(model, tokenizer, collator, out, **kw):
+    cfg = SynthesizeConfig(num_samples=14, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.5)
+    return synthesize(model, tokenizer, collator, LABELS, cfg, out, targets={"negative": 6, "positive": 8},
+                      model_info=MODEL_INFO, show_progress=False, **kw)
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, tiny_model, tokenizer, collator):
+    full = _run(tiny_model, tokenizer, collator, tmp_path / "full")
+    assert full.complete and full.counts == {"negative": 6, "positive": 8}
+    expected = read_synthetic(full.jsonl)
+    assert len(expected) == 14 and len({dedup_key(r["text"]) for r in expected}) == 14
+
+    # 1. Stopped after 2 batches (a time box), then resumed.
+    part = _run(tiny_model, tokenizer, collator, tmp_path / "a", max_batches=2)
+    assert not part.complete and json.loads(part.meta.read_text())["complete"] is False
+    head = part.jsonl.read_bytes()
+    assert len({r["batch"] for r in read_synthetic(part.jsonl)}) == 2
+    done = _run(tiny_model, tokenizer, collator, tmp_path / "a")
+    assert done.complete and done.jsonl.read_bytes().startswith(head)  # the first batches untouched
+    assert read_synthetic(done.jsonl) == expected
+
+    # 2. Killed by an exception after the third batch, then resumed.
+    def boom(info):
+        if info["label"] == "positive" or info["batch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model, tokenizer, collator, tmp_path / "b", on_batch=boom)
+    assert len(read_synthetic(tmp_path / "b" / "synthetic.jsonl")) > 0
+    assert read_synthetic(_run(tiny_model, tokenizer, collator, tmp_path / "b").jsonl) == expected
+
+    # 3. Died mid-write: a torn last batch (one row missing) and half a line; both are redone identically.
+    torn = tmp_path / "c"
+    _run(tiny_model, tokenizer, collator, torn, max_batches=2)
+    lines = (torn / "synthetic.jsonl").read_text().splitlines(keepends=True)
+    (torn / "synthetic.jsonl").write_text("".join(lines[:-1]) + lines[-1][:10])
+    assert read_synthetic(_run(tiny_model, tokenizer, collator, torn).jsonl) == expected
+
+    # Outputs: the CSV mirrors the JSONL; the metadata says what made the data.
+    with open(done.csv, newline="") as fh:
+        assert [(r["text"], r["label"]) for r in csv.DictReader(fh)] == [(r["text"], r["label"]) for r in expected]
+    meta = json.loads(done.meta.read_text())
+    assert {"ghostdp_version", "fingerprint", "complete", "model", "privacy", "data", "label_names", "prefix_ids",
+            "sampling", "targets", "counts", "stats"} <= set(meta)
+    assert meta["privacy"]["epsilon_total"] == 3.0 and meta["privacy"]["noise_multiplier"] == 0.9
+    assert meta["data"]["fingerprint"] == "abc" and meta["model"]["model_id"] == "test-model"
+    assert meta["sampling"] == {"temperature": 1.5, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6,
+                                "gen_batch_size": 4, "sample_seed": 7, "dedup": True}
+    assert meta["prefix_ids"] == {lb: list(collator.prefix_ids(lb)) for lb in LABELS}
+
+
+def test_resume_with_other_sampling_parameters_or_weights_is_refused(tmp_path, tiny_model, tokenizer, collator):
+    _run(tiny_model, tokenizer, collator, tmp_path, max_batches=1)
+    cfg = SynthesizeConfig(num_samples=14, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.0)
+    with pytest.raises(ResumeMismatchError, match="different generator or different sampling"):
+        synthesize(tiny_model, tokenizer, collator, LABELS, cfg, tmp_path, targets={"negative": 6, "positive": 8},
+                   model_info=MODEL_INFO, show_progress=False)
+    with pytest.raises(ResumeMismatchError, match="different generator"):
+        synthesize(tiny_model, tokenizer, collator, LABELS,
+                   SynthesizeConfig(num_samples=14, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.5),
+                   tmp_path, targets={"negative": 6, "positive": 8}, model_info={**MODEL_INFO, "model_id": "other"},
+                   show_progress=False)
+
+
+def test_generation_leaves_the_global_rng_alone(tmp_path, tiny_model, tokenizer, collator):
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    _run(tiny_model, tokenizer, collator, tmp_path, max_batches=1)
+    assert torch.equal(torch.rand(3), before)
