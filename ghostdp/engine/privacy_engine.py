@@ -1,6 +1,6 @@
 """PrivacyEngine: DP-SGD on an existing model and optimizer, in one backward pass.
 
-One step, as data flows (DESIGN.md):
+One step, as data flows (docs/design.md, section 2):
 1. Every clipped layer's forward runs through an autograd Function whose backward returns the input
    gradient only and hands the engine each parameter's per-example gradient in factored or dense form
    (``ghostdp.engine.grads``). Autograd never forms an unclipped parameter gradient.

@@ -193,7 +193,7 @@ def test_norm_cost_ghost_scales_with_t_squared():
     twin = norm_cost(8, 1024, 4096, 4096, "ghost", "torch")
     assert 0.45 < big.flops / twin.flops < 0.6
     assert twin.extra_bytes >= 8 * 1024 * (4096 + 4096) * 4
-    # LoRA at T = 4096, r = 16, d = 4096 (DESIGN.md): instantiating is far cheaper than ghost
+    # LoRA at T = 4096, r = 16, d = 4096 (docs/design.md): instantiating is far cheaper than ghost
     lora_inst = norm_cost(8, 4096, 4096, 16, "instantiated", "triton")
     lora_ghost = norm_cost(8, 4096, 4096, 16, "ghost", "triton")
     assert lora_ghost.flops > 100 * lora_inst.flops

@@ -46,23 +46,7 @@ What changes relative to ``Trainer``, and why (all in this file):
   ``DistributedDataParallel``: its gradient hooks would never fire (autograd does not form the
   parameter gradients under ghostdp). Parameters are broadcast from rank 0 once, as DDP would.
 
-FSDP and DeepSpeed
-------------------
-Both are refused (``DPTrainingArguments`` and ``DPTrainer`` raise). How they would be supported:
-
-* **DeepSpeed ZeRO-1/2** (optimizer state / gradients partitioned, parameters replicated): per-example
-  norms and clipped sums are computed exactly as now on each rank. Instead of the engine's all-reduce, the
-  clipped sums would be reduce-scattered to the rank owning each gradient partition, which adds
-  N(0, sigma^2 C^2) to its partition only (one independent noise stream per partition, so every
-  coordinate gets noise exactly once), divides by the expected batch size and steps its optimizer shard.
-  DeepSpeed's ``engine.backward``/``engine.step`` would have to be bypassed: they reduce in their own hooks,
-  apply loss scaling and assume a fixed number of accumulation steps, while Poisson batches vary.
-* **ZeRO-3 / FSDP** (parameters sharded): each layer is all-gathered for its forward and backward, which
-  is when ghostdp computes the layer's per-example norm contribution and factored clipped sum; both
-  work on the gathered weight. The clipped sum of each parameter would then be reduce-scattered (FSDP's
-  own reduce-scatter hooks never fire here) and the shard owner adds that shard's noise, again one
-  independent stream per shard (DESIGN.md: "Under FSDP each shard needs its own noise stream"). FSDP2
-  (DTensor parameters) also needs the layer samplers to read local shards. Until then, use data parallel.
+FSDP and DeepSpeed: see docs/design.md ("More than one process") for what is supported and why.
 """
 from __future__ import annotations
 
