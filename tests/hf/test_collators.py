@@ -76,7 +76,8 @@ def test_prefix_and_text_tokenized_apart(smollm_tokenizer):
     assert apart[: len(p_ids)] == p_ids
 
 
-def test_truncation_keeps_prefix_and_eos(smollm_tokenizer):
+def test_truncation_keeps_prefix_and_drops_eos(smollm_tokenizer):
+    """A cut text ends without EOS (its last kept tokens scored); a text that fits ends with a scored EOS."""
     tok = smollm_tokenizer
     ex = EXAMPLES[2]
     prefix_ids = tok(PromptTemplate().prefix(ex["label"]), add_special_tokens=False)["input_ids"]
@@ -86,13 +87,43 @@ def test_truncation_keeps_prefix_and_eos(smollm_tokenizer):
     collator = PrefixLMCollator(tok, CollatorConfig(max_length=max_len))
     batch = collator([ex, EXAMPLES[1]])
     assert batch["input_ids"].shape[1] == max_len
-    check_row(batch, 0, prefix_ids, text_ids[:3], tok.eos_token_id, tok.pad_token_id)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert ids.tolist() == [*prefix_ids, *text_ids[:4]]  # the EOS's slot holds one more text token
+    assert (labels[: len(prefix_ids)] == IGNORE_INDEX).all()
+    assert labels[len(prefix_ids):].tolist() == text_ids[:4]  # all kept text tokens scored, the last one too
+    assert tok.eos_token_id not in labels.tolist()
+    flat_ids = tok(EXAMPLES[1]["text"], add_special_tokens=False)["input_ids"]
+    check_row(batch, 1, collator.prefix_ids("negative"), flat_ids, tok.eos_token_id, tok.pad_token_id)
     assert collator.encode([ex])[0].truncated and not collator.encode([EXAMPLES[1]])[0].truncated
-    # Exactly room for prefix + EOS: no text token, the EOS is still scored.
-    only_eos = PrefixLMCollator(tok, CollatorConfig(max_length=len(prefix_ids) + 1))([ex])
-    check_row(only_eos, 0, prefix_ids, [], tok.eos_token_id, tok.pad_token_id)
+    # Exactly room for prefix + EOS: a cut text keeps one text token and no EOS; an empty text keeps its EOS.
+    tight = PrefixLMCollator(tok, CollatorConfig(max_length=len(prefix_ids) + 1))
+    assert tight([ex])["input_ids"][0].tolist() == [*prefix_ids, text_ids[0]]
+    check_row(tight([{"text": "", "label": ex["label"]}]), 0, prefix_ids, [], tok.eos_token_id, tok.pad_token_id)
     with pytest.raises(ValueError, match="cannot hold the"):
         PrefixLMCollator(tok, CollatorConfig(max_length=len(prefix_ids)))([ex])
+
+
+@pytest.mark.parametrize("pad_to", ["longest", "max_length"])
+def test_a_row_longer_than_max_length_never_ends_with_eos(make_word_tokenizer, pad_to):
+    """Issue 11: an EOS after a cut row teaches "stop after max_length tokens"; only whole texts end with EOS."""
+    words = "[ sst2 ][ ]: positive negative a b c d e f g h".split()
+    tok = make_word_tokenizer(words, pad=False)  # pad == EOS: the hardest case for telling them apart
+    rows = [{"text": " ".join("abcdefgh"[: n]), "label": lb} for n in range(0, 9) for lb in ("positive", "negative")]
+    collator = PrefixLMCollator(tok, CollatorConfig(max_length=8, pad_to=pad_to))
+    batch = collator(rows)
+    eos = tok.eos_token_id
+    for i, (row, enc) in enumerate(zip(rows, collator.encode(rows))):
+        n = int(batch["attention_mask"][i].sum())
+        n_text = len(row["text"].split())
+        fits = len(collator.prefix_ids(row["label"])) + n_text + 1 <= 8  # text and its EOS fit
+        assert enc.truncated == (not fits)
+        last_scored = batch["labels"][i][n - 1].item()
+        if enc.truncated:
+            assert n == 8 and eos not in batch["labels"][i].tolist() and last_scored != eos
+            assert eos not in batch["input_ids"][i, :n].tolist()
+        else:
+            assert last_scored == eos and batch["labels"][i].tolist().count(eos) == 1
+    assert any(e.truncated for e in collator.encode(rows)) and not all(e.truncated for e in collator.encode(rows))
 
 
 def test_word_tokenizer_with_distinct_pad_and_fixed_width(make_word_tokenizer):

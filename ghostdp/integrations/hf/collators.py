@@ -2,7 +2,9 @@
 
 A training example is ``prefix(label) + text + EOS`` (see ``prompts.py``). The model is scored on the
 text tokens and on the EOS that ends them (so it learns where to stop), never on the prefix (it is given
-at generation time) nor on padding.
+at generation time) nor on padding. A text too long for ``max_length`` is cut and gets NO EOS: its last
+kept tokens are still scored, but the model is never taught "stop here" at a point where the real text
+went on (an EOS after every cut row teaches every long text to end after ``max_length`` tokens).
 
 Layout of a batch (right padding, ``P`` = prefix ids, ``X`` = text ids, ``E`` = EOS, ``_`` = pad)::
 
@@ -38,7 +40,8 @@ class CollatorConfig:
     Args:
         template: the label prefix.
         max_length: the most tokens a row may have, prefix and EOS included. Longer texts are cut at the
-            end of the text: the prefix (the condition) and the EOS (the stop signal) are always kept.
+            end of the text: the prefix (the condition) is always kept; the EOS (the stop signal) only ends a
+            text that fit whole, so a cut row ends with its last kept text token (scored) and no EOS.
         pad_to: ``"longest"`` pads to the longest row of the batch; ``"max_length"`` always pads to
             ``max_length`` (fixed shapes, e.g. for compiled kernels).
         add_bos: put the tokenizer's BOS token before the prefix (unscored). SmolLM2 and GPT-2 use no BOS
@@ -61,7 +64,10 @@ class CollatorConfig:
 
 @dataclass(frozen=True)
 class EncodedExample:
-    """One tokenized row before padding: ``input_ids[:n_prefix]`` are the unscored prefix."""
+    """One tokenized row before padding: ``input_ids[:n_prefix]`` are the unscored prefix.
+
+    ``truncated``: the text and its EOS did not fit in ``max_length``, so the row ends without EOS.
+    """
 
     input_ids: tuple[int, ...]
     n_prefix: int
@@ -122,7 +128,7 @@ class PrefixLMCollator:
         return self._prefix_cache[label]
 
     def encode(self, examples: Sequence[Mapping[str, str]]) -> list[EncodedExample]:
-        """Tokenize rows into prefix + (truncated) text + EOS, without padding."""
+        """Tokenize rows into prefix + text + EOS, or prefix + cut text (no EOS), without padding."""
         labels: list[str] = []
         texts: list[str] = []
         for i, ex in enumerate(examples):
@@ -144,7 +150,10 @@ class PrefixLMCollator:
                     f"{label!r} plus EOS; raise max_length to at least {len(prefix) + 1} (plus room for text)."
                 )
             truncated = len(text_ids) > budget
-            ids = (*prefix, *text_ids[:budget], self.eos_token_id)
+            if truncated:  # the text goes on: fill the EOS's slot with one more text token, and no EOS
+                ids = (*prefix, *text_ids[:budget + 1])
+            else:
+                ids = (*prefix, *text_ids, self.eos_token_id)
             out.append(EncodedExample(input_ids=ids, n_prefix=len(prefix), truncated=truncated))
         return out
 

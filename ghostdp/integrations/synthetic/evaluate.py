@@ -9,9 +9,8 @@ real held-out set the generator never saw:
                    data's epsilon: the bar DP synthetic data has to match to be worth it (it also buys a
                    reusable dataset rather than one model). Default: a linear head on frozen MiniLM
                    sentence embeddings trained with ghostdp's ``PrivacyEngine`` and
-                   ``PoissonBatchSampler`` (:class:`DPLinearProbe`); option ``dp_classifier="minilm"``:
-                   DP-SGD on every MiniLM parameter (its Linear, Embedding and LayerNorm layers are all
-                   supported by the engine; :class:`DPMiniLMClassifier`).
+                   ``PoissonBatchSampler``; option ``dp_classifier="minilm"``: DP-SGD on every MiniLM
+                   parameter (both in :mod:`ghostdp.integrations.synthetic.dp_classifiers`).
 ``prior_floor``    samples from the *un-finetuned* model with the same prompts: what the base model knows
                    without the private data. Synthetic data that does not beat it learnt nothing usable.
 
@@ -42,23 +41,24 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ghostdp.engine import planning
 from ghostdp.integrations.synthetic.classifiers import (
     FineTuneConfig,
     LinearProbe,
     LinearProbeConfig,
     MiniLMClassifier,
-    MiniLMClassifierModule,
     classification_metrics,
     label_fidelity,
 )
 from ghostdp.integrations.synthetic.config import ConfigError, RunConfig
-from ghostdp.integrations.synthetic.embeddings import mean_pool_normalize
+from ghostdp.integrations.synthetic.dp_classifiers import (
+    DPClassifierConfig,
+    DPLinearProbe,
+    DPMiniLMClassifier,
+)
 from ghostdp.integrations.synthetic.text_data import LabelledTexts
 
 __all__ = [
-    "DPClassifierConfig",
-    "DPLinearProbe",
-    "DPMiniLMClassifier",
     "EvaluationResult",
     "evaluate_run",
     "evaluate_synthetic",
@@ -67,228 +67,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------
-# DP-on-real baselines
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DPClassifierConfig:
-    """DP-SGD settings of the DP-on-real baseline.
-
-    Args:
-        target_epsilon, delta: the budget; the noise multiplier is calibrated to it for ``steps`` steps at
-            Poisson rate ``batch_size / N``.
-        steps: optimizer steps.
-        batch_size: expected Poisson batch (capped at N).
-        learning_rate: Adam learning rate.
-        max_grad_norm: per-example clipping bound C.
-        physical_batch_size: examples per forward/backward (MiniLM only; memory, not privacy).
-        max_length: token limit per text (MiniLM only).
-        seed: head initialisation and dropout. The Poisson batches and noise use ``dp_seed``.
-        dp_seed: seed of the batches and the noise; None (default) draws them from OS entropy.
-        model_dir: a local MiniLM folder for :class:`DPMiniLMClassifier` (None: the packaged one).
-        device: torch device string.
-        show_progress: tqdm bar over steps.
-    """
-
-    target_epsilon: float
-    delta: float
-    steps: int = 300
-    batch_size: int = 256
-    learning_rate: float = 0.05
-    max_grad_norm: float = 1.0
-    physical_batch_size: int = 64
-    max_length: int = 64
-    seed: int = 0
-    dp_seed: int | None = None
-    model_dir: str | Path | None = None
-    device: str = "cpu"
-    show_progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
-            raise ValueError(f"DPClassifierConfig.target_epsilon={self.target_epsilon}: need a finite number > 0.")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"DPClassifierConfig.delta={self.delta}: need a probability well below 1/N.")
-        for name in ("steps", "batch_size", "physical_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DPClassifierConfig.{name}={getattr(self, name)}: need >= 1.")
-        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
-            raise ValueError(f"DPClassifierConfig: learning_rate={self.learning_rate} and max_grad_norm="
-                             f"{self.max_grad_norm} must be > 0.")
-
-
-def _dp_setup(n: int, cfg: DPClassifierConfig, delta_check: bool = True):
-    """(expected batch L, rate q, calibrated sigma, sampler generator, noise generator)."""
-    from ghostdp.accounting import calibrate_noise_multiplier
-
-    if delta_check and cfg.delta >= 1.0 / n:
-        raise ValueError(f"DP baseline: delta={cfg.delta:g} >= 1/N = {1 / n:g}; use delta well below 1/N.")
-    L = min(cfg.batch_size, n)
-    q = L / n
-    sigma = calibrate_noise_multiplier(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=q,
-                                       steps=cfg.steps)
-    sample_gen = torch.Generator()
-    noise_gen = torch.Generator(device=cfg.device)
-    if cfg.dp_seed is None:
-        sample_gen.seed()
-        noise_gen.seed()
-    else:
-        sample_gen.manual_seed(int(cfg.dp_seed))
-        noise_gen.manual_seed(int(cfg.dp_seed) + 1)
-    return L, q, sigma, sample_gen, noise_gen
-
-
-class DPLinearProbe:
-    """Multinomial logistic regression on frozen embeddings, trained with DP-SGD.
-
-    Only the head ``nn.Linear(d, K)`` is trained on the private data; the embedder is a public model, so
-    embedding each example is a per-example public function and costs no privacy. Per step: a Poisson
-    sample, per-example cross-entropy gradients clipped to C by ``PrivacyEngine`` (the head is an
-    ``nn.Linear``, a supported layer), Gaussian noise of std sigma*C, Adam. ``epsilon`` after ``fit`` is the
-    PRV accountant's upper bound (<= target).
-    """
-
-    def __init__(self, embedder: Any, config: DPClassifierConfig) -> None:
-        self.embedder = embedder
-        self.config = config
-        self.label_names: tuple[str, ...] = ()
-        self.head: nn.Linear | None = None
-        self.epsilon: float | None = None
-        self.noise_multiplier: float | None = None
-
-    def fit_embeddings(self, features: np.ndarray, labels: Sequence[str], label_names: Sequence[str]) -> DPLinearProbe:
-        from ghostdp.data import PoissonBatchSampler
-        from ghostdp.engine.privacy_engine import PrivacyEngine
-
-        cfg = self.config
-        X = torch.as_tensor(np.asarray(features), dtype=torch.float32)  # (N, d)
-        self.label_names = tuple(label_names)
-        y = torch.tensor([self.label_names.index(v) for v in labels], dtype=torch.long)  # (N,)
-        n = len(X)
-        L, q, sigma, sample_gen, noise_gen = _dp_setup(n, cfg)
-        torch.manual_seed(cfg.seed)
-        head = nn.Linear(X.shape[1], len(self.label_names))
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
-        engine = PrivacyEngine(head, opt, max_grad_norm=cfg.max_grad_norm, expected_batch_size=L,
-                               noise_multiplier=sigma, loss_reduction="sum", sample_rate=q, generator=noise_gen)
-        sampler = PoissonBatchSampler(n, q, generator=sample_gen, steps=cfg.steps)
-        for idx in tqdm(sampler, desc="DP linear head", unit="step", disable=not cfg.show_progress):
-            if len(idx):
-                F.cross_entropy(head(X[idx]), y[idx], reduction="none").sum().backward()
-            opt.step()  # noise once, / expected batch size (an empty batch still steps: it is accounted)
-            opt.zero_grad()
-        self.epsilon = engine.epsilon(cfg.delta)
-        self.noise_multiplier = sigma
-        engine.detach()
-        self.head = head.eval()
-        logger.info("DP linear head: %d steps, q=%.4g, sigma=%.4g -> epsilon=%.4g at delta=%.3g", cfg.steps, q, sigma,
-                    self.epsilon, cfg.delta)
-        return self
-
-    @torch.inference_mode()
-    def predict_embeddings(self, features: np.ndarray) -> list[str]:
-        if self.head is None:
-            raise RuntimeError("DPLinearProbe.predict called before fit.")
-        logits = self.head(torch.as_tensor(np.asarray(features), dtype=torch.float32))
-        return [self.label_names[i] for i in logits.argmax(1).tolist()]
-
-    def fit(self, train: LabelledTexts) -> DPLinearProbe:
-        return self.fit_embeddings(self.embedder.embed(train.texts), train.labels, train.label_names)
-
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        return self.predict_embeddings(self.embedder.embed(texts))
-
-
-class _PerExampleMiniLMModule(MiniLMClassifierModule):
-    """``MiniLMClassifierModule`` with position and token-type ids passed explicitly, shape (B, T).
-
-    BERT builds its position ids as one (1, T) row broadcast over the batch, so its position-embedding
-    layer sees a batch of 1 and its per-example gradients cannot be told apart (the engine refuses:
-    batch sizes differ between layers). The same ids, expanded to (B, T), give every example its own
-    rows; the forward is unchanged.
-    """
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                              token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # (B, T, d)
-        return self.head(self.dropout(mean_pool_normalize(hidden, attention_mask)))  # (B, K)
-
-
-class DPMiniLMClassifier:
-    """MiniLM encoder + mean pooling + linear head (``MiniLMClassifierModule``), every parameter trained
-    with DP-SGD (Poisson batches, per-example clipping over the whole network, noise, Adam).
-
-    BERT's Linear, Embedding (word, position, token type) and LayerNorm layers are all supported by the
-    engine, so nothing is frozen except the unused pooler. Minutes per hundred steps on a CPU; meant for
-    a GPU.
-    """
-
-    def __init__(self, config: DPClassifierConfig, dropout: float = 0.1) -> None:
-        self.config = config
-        self.dropout = dropout
-        self.label_names: tuple[str, ...] = ()
-        self.module: MiniLMClassifierModule | None = None
-        self.tokenizer = None
-        self.epsilon: float | None = None
-        self.noise_multiplier: float | None = None
-
-    def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
-                             return_tensors="pt")
-        return {k: enc[k].to(self.config.device) for k in ("input_ids", "attention_mask")}
-
-    def fit(self, train: LabelledTexts) -> DPMiniLMClassifier:
-        from ghostdp.data import PoissonBatchSampler
-        from ghostdp.engine.privacy_engine import PrivacyEngine
-        from ghostdp.integrations.synthetic.embeddings import load_minilm
-
-        cfg = self.config
-        n = len(train)
-        L, q, sigma, sample_gen, noise_gen = _dp_setup(n, cfg)
-        torch.manual_seed(cfg.seed)
-        self.tokenizer, encoder = load_minilm(cfg.model_dir, cfg.device)
-        pooler = getattr(encoder, "pooler", None)
-        if pooler is not None:  # not used by mean pooling: it would get no gradient
-            pooler.requires_grad_(False)
-        self.label_names = train.label_names
-        module = _PerExampleMiniLMModule(encoder, len(self.label_names), self.dropout).to(cfg.device)
-        targets = torch.tensor([self.label_names.index(v) for v in train.labels], dtype=torch.long)
-        opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=cfg.learning_rate)
-        engine = PrivacyEngine(module, opt, max_grad_norm=cfg.max_grad_norm, expected_batch_size=L,
-                               noise_multiplier=sigma, loss_reduction="sum", sample_rate=q, generator=noise_gen)
-        module.train()
-        sampler = PoissonBatchSampler(n, q, generator=sample_gen, steps=cfg.steps)
-        for idx in tqdm(sampler, desc="DP MiniLM", unit="step", disable=not cfg.show_progress):
-            for s in range(0, len(idx), cfg.physical_batch_size):
-                chunk = idx[s:s + cfg.physical_batch_size]
-                logits = module(**self._encode([train.texts[i] for i in chunk]))  # (b, K)
-                F.cross_entropy(logits.float(), targets[chunk].to(cfg.device), reduction="none").sum().backward()
-            opt.step()
-            opt.zero_grad()
-        self.epsilon = engine.epsilon(cfg.delta)
-        self.noise_multiplier = sigma
-        engine.detach()
-        self.module = module.eval()
-        return self
-
-    @torch.inference_mode()
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        if self.module is None:
-            raise RuntimeError("DPMiniLMClassifier.predict called before fit.")
-        texts = list(texts)
-        out: list[str] = []
-        for s in range(0, len(texts), 128):
-            logits = self.module(**self._encode(texts[s:s + 128]))
-            out.extend(self.label_names[i] for i in logits.argmax(1).tolist())
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,7 +206,7 @@ def evaluate_synthetic(
         accuracies["real_ceiling"]["note"] = "non-private reference trained on the real private data; not a release"
     accuracies["prior_floor"] = train_eval("floor", floor)[0] if floor is not None else None
 
-    dp_eps = ecfg.dp_epsilon if ecfg.dp_epsilon is not None else epsilon
+    dp_eps = planning.baseline_epsilon(ecfg.dp_epsilon, epsilon)
     dcfg = DPClassifierConfig(
         target_epsilon=dp_eps, delta=delta, steps=ecfg.dp_steps, batch_size=ecfg.dp_batch_size,
         learning_rate=ecfg.dp_learning_rate, max_grad_norm=ecfg.dp_max_grad_norm, seed=ecfg.eval_seed,
@@ -533,7 +311,7 @@ def _perplexities(config: RunConfig, gen: Any, heldout: LabelledTexts, show_prog
     if n == 0:
         return {}
     rows = heldout if n is None else heldout.subset(_subset(len(heldout), n, config.evaluate.eval_seed).tolist())
-    # A longer limit than in training, so no held-out text is cut (the EOS after a cut text would be scored).
+    # A longer limit than in training, so held-out texts are scored (nearly) whole.
     collator = make_collator(gen.tokenizer, {**gen.info, "max_length": max(256, int(gen.info["max_length"]))})
     out = {"finetuned": heldout_perplexity(gen.model, collator, rows, device=gen.device, show_progress=show_progress,
                                            desc="perplexity (fine-tuned)")}
@@ -585,8 +363,12 @@ def _memorization_section(mem: Any, k: int = 5) -> str:
 def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool = True) -> EvaluationResult:
     """Evaluate ``paths.synthetic`` (written by the synthesize step) and write the run report."""
     from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
-    from ghostdp.integrations.synthetic.run_folder import data_fingerprint, load_eval_data, load_private_data
     from ghostdp.integrations.synthetic.report import write_run_report
+    from ghostdp.integrations.synthetic.run_folder import (
+        data_fingerprint,
+        load_eval_data,
+        load_private_data,
+    )
     from ghostdp.integrations.synthetic.synthesize import META, read_synthetic
 
     started = time.time()
