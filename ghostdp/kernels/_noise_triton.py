@@ -12,8 +12,13 @@ import triton.language as tl
 
 from ghostdp.kernels.dispatch import check_kernel_mode
 
-_TWO_POW_M32: tl.constexpr = 2.3283064365386963e-10  # 2**-32, exact in fp32
-_TWO_PI: tl.constexpr = 6.283185307179586
+# Module-level constants a @triton.jit function reads must be ``tl.constexpr`` *objects*: the
+# compiler rejects a plain global (NameError: Cannot access global variable ...), and an
+# annotation ``x: tl.constexpr = 1.0`` leaves a plain float, which only the interpreter accepts.
+# Keep them on the right of a tensor operand: the interpreter turns ``constexpr * tensor`` into a
+# constexpr wrapping a tensor, which tl.cos and friends then reject.
+_TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)  # 2**-32, exact in fp32
+_TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit
@@ -37,7 +42,7 @@ def philox_normal(seed, offsets):
     u1 = (hi + (lo + 0.5) * _TWO_POW_M32) * _TWO_POW_M32
     u2 = (r2.to(tl.float32) + 0.5) * _TWO_POW_M32
     radius = tl.sqrt(tl.maximum(-2.0 * tl.log(u1), 0.0))
-    return radius * tl.cos(_TWO_PI * u2)
+    return radius * tl.cos(u2 * _TWO_PI)
 
 
 @triton.jit
