@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark core (ghostdp.integrations.bench): structure, not speed.
+"""Smoke tests of the benchmark harness (ghostdp.integrations.bench, through its package-level names): structure, not speed.
 
 A tiny Llama, one step per engine. What is checked: every engine gives a row (Opacus' refusal of tied
 parameters under ghost clipping is a row saying so, not a crash), ratios divide figures of the same
