@@ -1,0 +1,187 @@
+"""torchrun worker for tests/engine/test_fsdp2.py: FSDP2 (fully_shard) over gloo on CPU, 2 ranks.
+
+One launch checks several cases in one process group and writes, per rank, a torch file the test reads:
+- ``equal/<case>``: after two DP steps (two physical batches each, noise 0, gradient checkpointing on,
+  reshard_after_forward=True), the max abs difference between every full parameter (gathered from its
+  shards) and one process training on the whole global batch; and which trainable parameters moved.
+- ``reference/<case>``: the first step's update against the one-example-at-a-time float64 reference.
+- ``noise``: with zero gradients, this rank's shard updates (= -noise / E with lr 1) per parameter, for
+  three runs: seed 7, seed 7 again, seed 8.
+- ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, and a parameter used
+  outside its clipped layer.
+Run: python -m torch.distributed.run --nproc_per_node 2 tests/engine/fsdp2_worker.py OUT_PREFIX
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard  # noqa: E402
+
+from ghostdp import PrivacyEngine  # noqa: E402
+from tests.helpers import lm_batch, lm_losses, reference_dp_grads, tiny_llama  # noqa: E402
+
+C, E, LR = 0.5, 8, 1.0
+SIGMA = 2.0
+
+
+def physical_batches(step: int):
+    """Two physical batches of 4 examples; rank r trains on examples r and r + 2 of each."""
+    return [lm_batch([5, 3, 7, 4], seed=100 * step), lm_batch([6, 2, 4, 7], seed=100 * step + 1)]
+
+
+def local_share(batch, rank, world):
+    return {k: v[rank::world] for k, v in batch.items()}
+
+
+def build(case: str):
+    tie = case != "untied"
+    model = tiny_llama(tie)
+    if case == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 lora_dropout=0.0, init_lora_weights=False))
+    model.gradient_checkpointing_enable()
+    model.train()
+    return model
+
+
+def llama_of(model):
+    return model.base_model.model if hasattr(model, "peft_config") else model
+
+
+def shard_model(model, **kw):
+    for block in llama_of(model).model.layers:
+        fully_shard(block, reshard_after_forward=True, **kw)
+    fully_shard(model, reshard_after_forward=True, **kw)
+    return model
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(model, steps, rank, world, *, sigma=0.0, seed=0, zero_loss=False, distributed=None):
+    opt = torch.optim.SGD(trainable(model), lr=LR)
+    engine = PrivacyEngine(model, opt, max_grad_norm=C, expected_batch_size=E, noise_multiplier=sigma,
+                           loss_reduction="sum", generator=torch.Generator().manual_seed(seed),
+                           distributed=distributed)
+    for step in range(steps):
+        for batch in physical_batches(step):
+            losses = lm_losses(model, local_share(batch, rank, world))
+            (losses.sum() * (0.0 if zero_loss else 1.0)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    engine.detach()
+    return model
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """name -> full tensor (a collective over the shards, in the same order on every rank)."""
+    out = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.replace("_fsdp_wrapped_module.", "")] = full.detach().clone()
+    return out
+
+
+def check_equal(case, rank, world, results):
+    base = build(case)
+    start = {n: p.detach().clone() for n, p in base.named_parameters()}
+    single = train(copy.deepcopy(base), 2, 0, 1, distributed=False)
+    want = dict(single.named_parameters())
+    sharded = train(shard_model(copy.deepcopy(base)), 2, rank, world)
+    got = full_params(sharded)
+    diff = max(float((got[n] - want[n]).abs().max()) for n in want)
+    moved = {n: bool((got[n] - start[n]).abs().max() > 1e-8) for n, p in base.named_parameters() if p.requires_grad}
+    results[f"equal/{case}"] = {"max_abs_diff": diff, "moved": moved,
+                                "scale": max(float(w.abs().max()) for w in want.values())}
+
+    # The first step's update (lr 1) against the one-example-at-a-time reference, noise 0.
+    model = shard_model(copy.deepcopy(base))
+    train(model, 1, rank, world)
+    ref, _ = reference_dp_grads(base, physical_batches(0), lm_losses, C, E)
+    after = full_params(model)
+    results[f"reference/{case}"] = max(float((start[n] - after[n] - LR * g).abs().max()) for n, g in ref.items())
+
+
+def check_noise(rank, world, results):
+    runs = {}
+    for label, seed in [("seed7", 7), ("seed7_again", 7), ("seed8", 8)]:
+        model = shard_model(tiny_llama(False))
+        before = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+        train(model, 1, rank, world, sigma=SIGMA, seed=seed, zero_loss=True)
+        runs[label] = {n: (p.to_local().detach() - before[n]).clone() for n, p in model.named_parameters()}
+    results["noise"] = runs
+
+
+def expect_error(fn) -> str:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def check_refusals(rank, world, results):
+    out = {}
+
+    def fsdp1():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(tiny_llama(True), device_id=torch.device("cpu"))
+        PrivacyEngine(model, torch.optim.SGD(model.parameters(), lr=LR), max_grad_norm=C, expected_batch_size=E,
+                      noise_multiplier=0.0)
+
+    def offload():
+        model = shard_model(tiny_llama(True), offload_policy=CPUOffloadPolicy(pin_memory=False))
+        PrivacyEngine(model, torch.optim.SGD(trainable(model), lr=LR), max_grad_norm=C, expected_batch_size=E,
+                      noise_multiplier=0.0)
+
+    def not_distributed():
+        model = shard_model(tiny_llama(True))
+        PrivacyEngine(model, torch.optim.SGD(trainable(model), lr=LR), max_grad_norm=C, expected_batch_size=E,
+                      noise_multiplier=0.0, distributed=False)
+
+    def used_outside():
+        # A block's weight used outside its layer: autograd reaches FSDP's unsharded parameter.
+        model = shard_model(tiny_llama(True))
+        PrivacyEngine(model, torch.optim.SGD(trainable(model), lr=LR), max_grad_norm=C, expected_batch_size=E,
+                      noise_multiplier=0.0, loss_reduction="sum")
+        # Inside the block's forward (weights gathered): the unsharded up_proj weight enters the output directly.
+        mlp = model.model.layers[0].mlp
+        mlp.register_forward_hook(lambda m, args, out: out + 1e-3 * m.up_proj.weight.sum())
+        lm_losses(model, local_share(physical_batches(0)[0], rank, world)).sum().backward()
+
+    out["fsdp1"] = expect_error(fsdp1)
+    out["offload"] = expect_error(offload)
+    out["not_distributed"] = expect_error(not_distributed)
+    out["used_outside"] = expect_error(used_outside)
+    results["refusals"] = out
+
+
+def main():
+    prefix = sys.argv[1]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    try:
+        for case in ["tied", "untied", "lora"]:
+            check_equal(case, rank, world, results)
+        check_noise(rank, world, results)
+        check_refusals(rank, world, results)
+    finally:
+        torch.save(results, f"{prefix}.{rank}")
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
