@@ -63,7 +63,12 @@ class FixedPredictions:
 def test_metrics_by_hand():
     m = classification_metrics(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"])
     # F1(a) = 2 * 1 * 0.5 / 1.5 = 2/3; F1(b): P = 2/3, R = 1 -> 0.8; macro = (2/3 + 0.8) / 2.
-    assert m == {"accuracy": 0.75, "macro_f1": pytest.approx((2 / 3 + 0.8) / 2), "n_eval": 4}
+    assert m == {"accuracy": 0.75, "macro_f1": pytest.approx((2 / 3 + 0.8) / 2), "n_eval": 4,
+                 "recall": {"a": 0.5, "b": 1.0}, "recall_gap": 0.5}  # per-class recall by hand: a 1/2, b 2/2
+    # Three classes, one absent from the rows: its recall is None and the gap spans the classes present.
+    m3 = classification_metrics(["a", "a", "a", "b", "b"], ["a", "a", "c", "b", "a"], ["a", "b", "c"])
+    assert m3["recall"] == {"a": pytest.approx(2 / 3), "b": 0.5, "c": None}
+    assert m3["recall_gap"] == pytest.approx(2 / 3 - 1 / 2)
     # A class never predicted nor present still counts in the macro average (as 0).
     assert classification_metrics(["a"], ["a"], ["a", "b"])["macro_f1"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="2 true labels but 1 predictions"):
@@ -119,7 +124,7 @@ def test_finetuned_classifier_loop_learns_toy_task(tiny_bert_dir):
     clf = MiniLMClassifier(cfg)
     train = toy_set(64, seed=0)
     metrics = train_and_evaluate(clf, train, toy_set(64, seed=1))
-    assert metrics["accuracy"] >= 0.9 and set(metrics) == {"accuracy", "macro_f1", "n_eval", "n_train"}
+    assert metrics["accuracy"] >= 0.9 and set(metrics) == {"accuracy", "macro_f1", "n_eval", "n_train", "recall", "recall_gap"}
     losses = [h["loss"] for h in clf.history]
     assert len(losses) == 8 * 4
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])

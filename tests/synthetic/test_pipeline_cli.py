@@ -220,7 +220,12 @@ def test_tiny_pipeline_end_to_end(tiny_setup, capsys):
                  "model/ghostdp_model.json", "model/adapter_config.json", "private/data_key"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["accuracy"]) == {"synthetic", "real_ceiling", "dp_on_real", "prior_floor"}
+    assert set(metrics["accuracy"]) == {"synthetic", "real_ceiling", "dp_on_real", "prior_floor", "real_matched",
+                                        "generator_classifier", "public_only", "synthetic_plus_public"}
+    assert metrics["accuracy"]["public_only"] is None  # no public set named
+    matched = metrics["accuracy"]["real_matched"]
+    assert matched["n_train"] == 24 and "recall_gap" in matched  # as many rows as the synthetic set
+    assert metrics["accuracy"]["generator_classifier"]["n_eval"] == 30
     assert 0 <= metrics["mauve"] <= 1 and metrics["training"]["steps_logged"] == 2
     other = metrics["metrics"]
     for key in ("privacy", "label_release", "synthesis", "dp_baseline", "label_fidelity", "mauve", "perplexity",

@@ -50,9 +50,12 @@ def test_writes_every_file_and_json_round_trips(tmp_path):
 def test_markdown_tables_hold_the_figures(tmp_path):
     md = write_run_report(tmp_path, **full_inputs()).report_md.read_text()
     assert md.startswith("# SST-2, eps = 3")
-    assert "| trained on DP synthetic | 0.85 | 0.84 | 2000 | 872 |" in md
+    assert "| trained on DP synthetic | 0.85 | 0.84 | n/a | n/a | 2000 | 872 |" in md  # no per-class recall given
     assert f"| {ACCURACY_ENTRIES['dp_on_real']} | n/a | n/a | n/a | n/a |" in md
     assert f"| {ACCURACY_ENTRIES['prior_floor']} | n/a |" in md
+    recall = write_run_report(tmp_path / "r", accuracies={"synthetic": {
+        "accuracy": 0.7, "recall": {"negative": 0.9, "positive": 0.5}, "recall_gap": 0.4}}).report_md.read_text()
+    assert "| trained on DP synthetic | 0.7 | n/a | negative 0.9, positive 0.5 | 0.4 |" in recall
     assert "| MAUVE | 0.83 |" in md
     assert "| privacy.epsilon | 3 |" in md and "| privacy.delta | 1e-05 |" in md and "| model | SmolLM2 |" in md
     assert "10 of 80 rows" in md

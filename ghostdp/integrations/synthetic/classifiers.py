@@ -55,11 +55,13 @@ class Embedder(Protocol):
 def classification_metrics(
     y_true: Sequence[str], y_pred: Sequence[str], label_names: Sequence[str]
 ) -> dict[str, float | int]:
-    """``{"accuracy", "macro_f1", "n_eval"}``.
+    """``{"accuracy", "macro_f1", "n_eval", "recall", "recall_gap"}``.
 
     accuracy = mean(y_pred == y_true); macro-F1 = unweighted mean over ``label_names`` of each class's
     F1 = 2PR / (P + R) (a class never predicted nor present scores 0), so a classifier that ignores a
-    minority class is penalised even when accuracy looks fine.
+    minority class is penalised even when accuracy looks fine. ``recall[c]`` = share of the rows of class
+    c predicted as c (None for a class with no rows); ``recall_gap`` = the largest minus the smallest of
+    them (DP tends to hurt the less represented classes more: the gap shows it).
     """
     from sklearn.metrics import f1_score
 
@@ -68,10 +70,14 @@ def classification_metrics(
     if len(y_true) == 0:
         raise ValueError("classification_metrics: no evaluation rows.")
     yt, yp = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    recall = {str(c): (float(np.mean(yp[yt == c] == c)) if (yt == c).any() else None) for c in label_names}
+    present = [r for r in recall.values() if r is not None]
     return {
         "accuracy": float(np.mean(yt == yp)),
         "macro_f1": float(f1_score(yt, yp, labels=list(label_names), average="macro", zero_division=0)),
         "n_eval": int(len(yt)),
+        "recall": recall,
+        "recall_gap": float(max(present) - min(present)) if present else None,
     }
 
 

@@ -246,7 +246,9 @@ class SynthesizeConfig:
     temperature: float = field(default=1.0, metadata=_help("Sampling temperature."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass (1: off)."))
     top_k: int = field(default=0, metadata=_help("Top-k sampling (0: off)."))
-    max_new_tokens: int = field(default=64, metadata=_help("Most new tokens per sample (stops earlier at EOS)."))
+    max_new_tokens: int | None = field(default=None, metadata=_help(
+        "Most new tokens per sample (stops earlier at EOS); none: the training rows' budget, train.max_length minus "
+        "the shortest label prefix, so a sample can be as long as a training row."))
     gen_batch_size: int = field(default=32, metadata=_help(
         "Samples generated per batch (all of one label); part of the seeding, keep it to resume."))
     sample_seed: int = field(default=0, metadata=_help(
@@ -254,6 +256,10 @@ class SynthesizeConfig:
         "sampling is post-processing of the DP model."))
     dedup: bool = field(default=True, metadata=_help(
         "Drop exact duplicates (after whitespace/case normalisation) and keep generating."))
+    filter_margin: float | None = field(default=None, metadata=_help(
+        "Keep a sample only if the DP generator scores it as its own label by more than this margin: log p(x | "
+        "prefix(label)) - max over other labels log p(x | prefix(other)) > filter_margin, generating more until "
+        "the targets are met (none: no filter). Post-processing of the DP model: costs no privacy."))
     max_batches_factor: float = field(default=4.0, metadata=_help(
         "Stop a label after this many times the batches it would need without duplicates (a degenerate "
         "generator must not loop forever); the shortfall is reported."))
@@ -266,7 +272,8 @@ class SynthesizeConfig:
         _number(owner, "temperature", self.temperature, low=0)
         _number(owner, "top_p", self.top_p, low=0, high=1)
         _positive_int(owner, "top_k", self.top_k, minimum=0)
-        _positive_int(owner, "max_new_tokens", self.max_new_tokens)
+        _positive_int(owner, "max_new_tokens", self.max_new_tokens, allow_none=True)
+        _number(owner, "filter_margin", self.filter_margin, low=-math.inf, allow_none=True)
         _positive_int(owner, "gen_batch_size", self.gen_batch_size)
         _positive_int(owner, "sample_seed", self.sample_seed, minimum=0)
         _check(isinstance(self.dedup, bool), f"synthesize.dedup={self.dedup!r}: need true or false.")
@@ -296,6 +303,13 @@ class EvaluateConfig:
         "Held-out rows scored for perplexity (none: all; 0: skip)."))
     mauve_clusters: int | None = field(default=None, metadata=_help("k-means clusters of MAUVE (none: n / 10)."))
     memorization_top_k: int = field(default=10, metadata=_help("Worst cases kept by the memorisation check."))
+    generator_classifier_rows: int | None = field(default=None, metadata=_help(
+        "Held-out rows classified by the DP generator itself (argmax over labels of log p(text | prefix(label)); "
+        "none: all, 0: skip)."))
+    public_data: str | None = field(default=None, metadata=_help(
+        "A PUBLIC labelled set (same labels; a .csv/.tsv/.jsonl/.parquet path or 'sst2:<split>') to mix with the "
+        "synthetic set for the downstream classifier, reported as its own row (none: no such row). Never the "
+        "private data."))
     eval_seed: int = field(default=0, metadata=_help(
         "Seed of the classifiers and of the MAUVE and perplexity subsets."))
 
@@ -312,6 +326,9 @@ class EvaluateConfig:
         _positive_int(owner, "perplexity_rows", self.perplexity_rows, allow_none=True, minimum=0)
         _positive_int(owner, "mauve_clusters", self.mauve_clusters, allow_none=True, minimum=2)
         _positive_int(owner, "memorization_top_k", self.memorization_top_k, minimum=0)
+        _positive_int(owner, "generator_classifier_rows", self.generator_classifier_rows, allow_none=True, minimum=0)
+        _check(self.public_data is None or (isinstance(self.public_data, str) and self.public_data.strip() != ""),
+               f"evaluate.public_data={self.public_data!r}: need a path or 'sst2:<split>' (or none).")
         _positive_int(owner, "eval_seed", self.eval_seed, minimum=0)
 
 

@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,8 +155,12 @@ def evaluate_synthetic(
     epsilon: float,
     delta: float,
     show_progress: bool = True,
+    extra_train_sets: Mapping[str, LabelledTexts] | None = None,
 ) -> dict[str, Any]:
     """Classifiers, label fidelity, MAUVE, memorisation and lengths, from texts (no model needed).
+
+    ``extra_train_sets``: more ``{accuracy key: training set}`` rows for the same downstream classifier
+    (``eval_rows.extra_train_sets``: real_matched, public_only, synthetic_plus_public).
 
     Returns ``{"accuracies": {...}, "label_fidelity": ..., "mauve": ..., "memorization": ...,
     "lengths": ..., "dp_baseline": ...}``; ``epsilon``/``delta`` are the DP baseline's budget (unless
@@ -205,6 +209,9 @@ def evaluate_synthetic(
     if accuracies["real_ceiling"] is not None:
         accuracies["real_ceiling"]["note"] = "non-private reference trained on the real private data; not a release"
     accuracies["prior_floor"] = train_eval("floor", floor)[0] if floor is not None else None
+    for key, train_set in (extra_train_sets or {}).items():
+        emb[key] = embedder.embed(train_set.texts)
+        accuracies[key] = train_eval(key, train_set)[0]
 
     dp_eps = planning.baseline_epsilon(ecfg.dp_epsilon, epsilon)
     dcfg = DPClassifierConfig(
@@ -288,10 +295,17 @@ def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: di
     targets = label_targets(gen.label_names, n, per_label=False, proportions=proportions)
     info = {"model_id": f"base:{gen.info['base_model']}", "base_model": gen.info["base_model"], "finetuned": False,
             "privacy": None, "data": None}
+    from ghostdp.integrations.synthetic.label_scoring import margin_filter_for
+
     with gen.base_model() as base:
+        # With the label filter on, the floor is filtered by the base model's own likelihood ratio, so the
+        # floor stays "what the base model gives with the same recipe", not "without the filter".
+        base_filter = margin_filter_for(gen, config.synthesize.filter_margin, model=base)
+
         def run():
             synthesize(base, gen.tokenizer, gen.collator, gen.label_names, config.synthesize, paths.floor,
-                       targets=targets, model_info=info, device=gen.device, show_progress=show_progress)
+                       targets=targets, model_info=info, device=gen.device, show_progress=show_progress,
+                       sample_filter=base_filter)
 
         try:
             run()
@@ -402,9 +416,14 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     device = "cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu"
     embedder = MiniLMEmbedder(EmbedderConfig(device=device, show_progress=show_progress))
     privacy = gen.info["privacy"]
+    from ghostdp.integrations.synthetic import eval_rows
+
     res = evaluate_synthetic(synthetic=synthetic, private=private, heldout=heldout, floor=floor, embedder=embedder,
                              config=config, epsilon=privacy["epsilon_total"], delta=privacy["delta"],
-                             show_progress=show_progress)
+                             show_progress=show_progress,
+                             extra_train_sets=eval_rows.extra_train_sets(config, gen, private, synthetic, syn_meta))
+    res["accuracies"]["generator_classifier"] = eval_rows.generator_row(config, gen, heldout,
+                                                                         show_progress=show_progress)
     mem = res["memorization"]
     metrics = {
         "privacy": privacy,
@@ -412,7 +431,8 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         "model": {k: gen.info[k] for k in ("base_model", "method", "trainable_parameters", "template")},
         "data": {"private": private.source, "n_private": len(private), "heldout": heldout.source,
                  "n_heldout": len(heldout)},
-        "synthesis": {k: syn_meta[k] for k in ("complete", "targets", "counts", "shortfall", "stats", "sampling")},
+        "synthesis": {k: syn_meta.get(k) for k in ("complete", "targets", "counts", "shortfall", "stats", "sampling",
+                                                    "filter")},
         "floor": None if floor is None else {"n": len(floor), "counts": {n: floor.labels.count(n) for n in names}},
         "classifier": config.evaluate.classifier,
         "dp_baseline": res["dp_baseline"],
@@ -437,8 +457,11 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     head, _, rest = text.partition("\n\n")
     note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"],
                                 eps_train=privacy["epsilon_train"], eps_labels=privacy["epsilon_labels"])
+    from ghostdp.integrations.synthetic.label_scoring import filter_section
+
     report.report_md.write_text(head + "\n\n" + note + "\n" + rest.rstrip("\n") + "\n\n"
-                                + _memorization_section(mem) + "\n", encoding="utf-8")
+                                + filter_section(syn_meta.get("filter")) + _memorization_section(mem) + "\n",
+                                encoding="utf-8")
     acc = res["accuracies"]
     headline = {
         "epsilon": privacy["epsilon_total"], "delta": privacy["delta"],
@@ -446,6 +469,9 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         "accuracy_real_ceiling": (acc["real_ceiling"] or {}).get("accuracy"),
         "accuracy_dp_on_real": acc["dp_on_real"]["accuracy"],
         "accuracy_prior_floor": (acc["prior_floor"] or {}).get("accuracy"),
+        "accuracy_real_matched": (acc.get("real_matched") or {}).get("accuracy"),
+        "accuracy_generator_classifier": (acc.get("generator_classifier") or {}).get("accuracy"),
+        "label_fidelity": (res["label_fidelity"].get("synthetic") or {}).get("label_fidelity"),
         "mauve": res["mauve"]["synthetic"],
         "perplexity": ppl.get("finetuned", {}).get("perplexity"),
         "n_synthetic": len(synthetic),

@@ -273,9 +273,11 @@ def synthesize_step(
         "model_id": gen.info["run_id"], "base_model": gen.info["base_model"], "method": gen.info["method"],
         "model_dir": str(paths.model), "privacy": gen.info["privacy"], "data": gen.info["data"],
     }
+    from ghostdp.integrations.synthetic.label_scoring import margin_filter_for
+
     return synthesize(gen.model, gen.tokenizer, gen.collator, gen.label_names, scfg, paths.synthetic,
                       targets=targets, model_info=model_info, device=gen.device, max_batches=max_batches,
-                      show_progress=show_progress)
+                      show_progress=show_progress, sample_filter=margin_filter_for(gen, scfg.filter_margin))
 
 
 def evaluate_step(

@@ -27,8 +27,12 @@ logger = logging.getLogger(__name__)
 ACCURACY_ENTRIES: dict[str, str] = {
     "synthetic": "trained on DP synthetic",
     "real_ceiling": "trained on real (non-private ceiling)",
+    "real_matched": "trained on real, same count and length cap as synthetic (non-private)",
     "dp_on_real": "DP-trained on real",
+    "generator_classifier": "DP generator as classifier (zero-shot)",
     "prior_floor": "prior knowledge only (floor)",
+    "public_only": "trained on the public set only",
+    "synthetic_plus_public": "trained on DP synthetic + public set",
 }
 
 NA = "n/a"
@@ -148,8 +152,8 @@ def plot_training(training_log: Sequence[Mapping[str, Any]], path: Path) -> Path
 
 def plot_accuracies(accuracies: Mapping[str, Mapping[str, Any] | None], path: Path) -> Path:
     """Accuracy bars in :data:`ACCURACY_ENTRIES` order; a missing entry gets no bar and an "n/a" label."""
-    fig, ax = _new_figure(7.0, 4.0)
     names = list(ACCURACY_ENTRIES)
+    fig, ax = _new_figure(max(7.0, 1.3 * len(names)), 4.5)
     for i, key in enumerate(names):
         entry = accuracies.get(key)
         acc = entry.get("accuracy") if entry is not None else None
@@ -159,7 +163,7 @@ def plot_accuracies(accuracies: Mapping[str, Mapping[str, Any] | None], path: Pa
         ax.bar(i, float(acc), color=f"C{i}")
         ax.text(i, float(acc) + 0.01, f"{float(acc):.3f}", ha="center", va="bottom")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([ACCURACY_ENTRIES[k].replace(" (", "\n(") for k in names], fontsize=8)
+    ax.set_xticklabels([ACCURACY_ENTRIES[k].replace(" (", "\n(").replace(", ", ",\n") for k in names], fontsize=7)
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("accuracy on real held-out data")
@@ -174,10 +178,9 @@ def plot_lengths(real_texts: Sequence[str], synthetic_texts: Sequence[str], path
     top = max(real + syn + [1])
     bins = np.arange(0, top + 2) - 0.5 if top <= 60 else np.linspace(0, top + 1, 40)
     fig, ax = _new_figure()
-    if real:
-        ax.hist(real, bins=bins, density=True, alpha=0.5, label=f"real (n={len(real)})")
-    if syn:
-        ax.hist(syn, bins=bins, density=True, alpha=0.5, label=f"synthetic (n={len(syn)})")
+    sets = [(x, f"{name} (n={len(x)})") for x, name in ((real, "real"), (syn, "synthetic")) if x]
+    if sets:  # side by side in each bin, so a short synthetic set next to long real texts is plain to see
+        ax.hist([x for x, _ in sets], bins=bins, density=True, label=[lb for _, lb in sets])
     ax.set_xlabel("length (words)")
     ax.set_ylabel("density")
     ax.set_title("Text lengths")
@@ -257,8 +260,12 @@ def _markdown(figures: Mapping[str, Any], plots: Mapping[str, Path], max_log_row
         rows = []
         for key, label in ACCURACY_ENTRIES.items():
             entry = figures["accuracy"].get(key) or {}
-            rows.append([label, entry.get("accuracy"), entry.get("macro_f1"), entry.get("n_train"), entry.get("n_eval")])
-        lines += _table(["classifier", "accuracy", "macro-F1", "n_train", "n_eval"], rows) + [""]
+            recall = entry.get("recall") or {}
+            per_class = ", ".join(f"{c} {_fmt(r)}" for c, r in recall.items()) if recall else None
+            rows.append([label, entry.get("accuracy"), entry.get("macro_f1"), per_class, entry.get("recall_gap"),
+                         entry.get("n_train"), entry.get("n_eval")])
+        lines += _table(["classifier", "accuracy", "macro-F1", "recall per class", "largest recall gap", "n_train",
+                         "n_eval"], rows) + [""]
         if "accuracy" in plots:
             lines += [f"![accuracy]({plots['accuracy'].name})", ""]
     if "mauve" in figures:

@@ -16,14 +16,15 @@ Files in the output folder:
 ``synthetic.jsonl``
     Append-only, one JSON object per sample: ``text``, ``label``, ``batch`` (the batch index within its
     label), ``n_batch`` (rows kept from that batch) and ``eos`` (whether the sample ended with EOS rather
-    than at ``max_new_tokens``). Written batch by batch, flushed and fsynced, so an interrupted run loses at
-    most the batch in flight.
+    than at ``max_new_tokens``), plus ``margin`` when a label filter chose it (``label_scoring``). Written
+    batch by batch, flushed and fsynced, so an interrupted run loses at most the batch in flight.
 ``synthetic.csv``
     ``text,label`` of every sample so far (rewritten at the end of each call).
 ``synthetic_meta.json``
     The model, its privacy figures (epsilon, delta, noise multiplier, steps, keyed data fingerprint), the
     sampling parameters, per-label targets and counts, duplicate/empty statistics, the ghostdp version,
-    the seed and whether the set is complete.
+    the seed and whether the set is complete; with a label filter, its rule and per-label acceptance rates
+    (post-processing of the DP model: no privacy cost).
 
 Resuming: run the same call again. Existing rows are counted per label, a torn last batch (fewer rows
 than its ``n_batch``, or a cut line) is dropped and regenerated identically, and generation continues
@@ -43,7 +44,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -387,8 +388,8 @@ def _fingerprint(model_id: str, sampling: Mapping[str, Any], prefixes: Mapping[s
 def _sampling_params(config: SynthesizeConfig) -> dict[str, Any]:
     """The parameters that decide *which* samples come out (the targets only decide how many)."""
     d = asdict(config)
-    for k in ("num_samples", "per_label", "label_proportions", "max_batches_factor"):
-        d.pop(k)
+    for k in ("num_samples", "per_label", "label_proportions", "max_batches_factor", "filter_margin"):
+        d.pop(k)  # filter_margin: the filter actually passed to synthesize() is fingerprinted on its own
     return d
 
 
@@ -406,6 +407,7 @@ def synthesize(
     max_batches: int | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     show_progress: bool = True,
+    sample_filter: Any | None = None,
 ) -> SynthesisResult:
     """Generate until every label has ``targets[label]`` unique samples (resuming what ``out_dir`` holds).
 
@@ -422,6 +424,10 @@ def synthesize(
             call resumes it). For time-boxed runs and tests.
         on_batch: called after each batch is on disk with ``{"label", "batch", "kept", "counts"}``.
             An exception raised there stops the run after that batch; the files stay consistent.
+        sample_filter: e.g. ``label_scoring.MarginFilter``: called as ``sample_filter(label, texts)`` with a
+            batch's new non-empty candidates, returns ``[(keep, score)]``; rejected samples are dropped and
+            generation goes on until the targets are met (over-generation). ``sample_filter.describe()``
+            goes into the metadata and the resume fingerprint, with per-label scored/accepted counts.
 
     Returns a :class:`SynthesisResult`; ``complete`` is False when stopped early or when a label fell short
     (a generator producing mostly duplicates or empty texts; see ``max_batches_factor``).
@@ -435,8 +441,14 @@ def synthesize(
     if unknown:
         raise ValueError(f"synthesize: targets for unknown labels {unknown}; labels are {labels}.")
     prefixes = {label: tuple(collator.prefix_ids(label)) for label in labels}
+    if config.max_new_tokens is None:  # as long as a training row can be
+        from ghostdp.integrations.synthetic.label_scoring import generation_budget
+
+        config = replace(config, max_new_tokens=generation_budget(collator, labels))
     sampling = _sampling_params(config)
-    fingerprint = _fingerprint(str(model_info["model_id"]), sampling, prefixes)
+    filter_info = sample_filter.describe() if sample_filter is not None else None
+    fingerprint = _fingerprint(str(model_info["model_id"]),
+                               sampling if filter_info is None else {**sampling, "filter": filter_info}, prefixes)
 
     old_meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
     if jsonl.is_file() and jsonl.stat().st_size > 0:
@@ -448,10 +460,15 @@ def synthesize(
             )
     rows = read_synthetic(jsonl, repair=True)
     stats = {"batches": 0, "generated": 0, "kept": 0, "duplicates": 0, "empty": 0, "no_eos": 0}
+    if filter_info is not None:
+        stats["rejected"] = 0
     if old_meta is not None and old_meta.get("fingerprint") == fingerprint:
         stats.update({k: int(v) for k, v in old_meta.get("stats", {}).items() if k in stats})
     counts = {label: 0 for label in labels}
     next_batch = {label: 0 for label in labels}
+    filter_counts = {label: {"scored": 0, "accepted": 0} for label in labels}
+    if filter_info is not None and old_meta is not None and old_meta.get("fingerprint") == fingerprint:
+        filter_counts.update((old_meta.get("filter") or {}).get("counts", {}))
     seen: set[str] = set()
     for r in rows:
         counts[r["label"]] += 1
@@ -486,6 +503,10 @@ def synthesize(
             "stats": dict(stats),
             "seconds_this_call": round(time.time() - started, 3),
         }
+        if filter_info is not None:
+            meta["filter"] = {**filter_info, "counts": {k: dict(v) for k, v in filter_counts.items()},
+                              "acceptance_rate": {k: (v["accepted"] / v["scored"] if v["scored"] else None)
+                                                  for k, v in filter_counts.items()}}
         _write_json_atomic(meta_path, meta)
 
     write_meta(False)
@@ -517,22 +538,36 @@ def synthesize(
                         pad_token_id=collator.pad_token_id, tokenizer=tokenizer,
                         seed=batch_seed(config.sample_seed, li, b), device=device,
                     )
+                    samples = [(_clean(text), eos) for text, eos in samples]
+                    verdicts: list[tuple[bool, float]] | None = None
+                    if sample_filter is not None:  # scored in one call, judged in order below
+                        verdicts = list(sample_filter(label, [t for t, _ in samples if t]))
                     kept = []
+                    j = 0  # index into verdicts (non-empty samples only)
                     for text, eos in samples:
                         if len(kept) >= target - counts[label]:
                             break
                         stats["generated"] += 1
-                        text = _clean(text)
                         if not text:
                             stats["empty"] += 1
                             continue
+                        verdict = verdicts[j] if verdicts is not None else None
+                        j += 1
                         key = dedup_key(text)
                         if config.dedup and key in seen:
                             stats["duplicates"] += 1
                             continue
+                        row = {"text": text, "label": label, "batch": b, "eos": eos}
+                        if verdict is not None:
+                            filter_counts[label]["scored"] += 1
+                            if not verdict[0]:
+                                stats["rejected"] += 1
+                                continue
+                            filter_counts[label]["accepted"] += 1
+                            row["margin"] = round(verdict[1], 4)
                         seen.add(key)
                         stats["no_eos"] += int(not eos)
-                        kept.append({"text": text, "label": label, "batch": b, "eos": eos})
+                        kept.append(row)
                     for r in kept:
                         r["n_batch"] = len(kept)
                     if kept:  # one write per batch: a crash leaves whole batches, or a torn last one

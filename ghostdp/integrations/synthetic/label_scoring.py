@@ -1,0 +1,250 @@
+"""The DP generator's own label likelihood ratio: a filter for its samples and a zero-shot classifier.
+
+For a text x and a label y, with ``prefix(y)`` the exact ids training conditioned on
+(``PrefixLMCollator.prefix_ids``)::
+
+    ll(x, y)     = log p(x | prefix(y))                 (sum over the text tokens, and the EOS if x fit whole)
+    margin(x, y) = ll(x, y) - max over y' != y of ll(x, y')
+
+Both uses read only the DP fine-tuned generator and inputs that are not private training data:
+
+* **Filtering** (the recipe Google used for DP-trained safety classifiers' data): keep a synthetic sample
+  generated for label y only if ``margin(x, y) > threshold``, i.e. the generator itself would rather
+  have written x under y than under any other label. The samples and the model are both outputs of the
+  DP mechanism, so the filter is post-processing: it costs no privacy. The synthesis loop over-generates
+  until every label has its requested count, and records per label how many candidates were scored and
+  how many were kept (the acceptance rate).
+* **The generator as classifier**: predict ``argmax_y ll(x, y)`` for a held-out text. A free baseline
+  (no classifier is trained on anything) that shows how much label signal DP fine-tuning put into the
+  generator, independently of how well sampling brings it out.
+
+All labels score the same text tokens (each text is cut to one token budget before the prefixes are
+put in front), so the log-likelihoods of different labels are comparable sums. A text cut to the budget
+gets no EOS, as in training (``collators.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = [
+    "LabelScorer",
+    "MarginFilter",
+    "generation_budget",
+    "generator_classifier_metrics",
+    "margin_filter_for",
+    "margins",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def generation_budget(collator: Any, label_names: Sequence[str]) -> int:
+    """New tokens that cover every training row: ``max_length`` minus the shortest label prefix.
+
+    A training row is ``prefix + text + EOS`` when the text fit (text + EOS <= max_length - prefix) and
+    ``prefix + text`` when it was cut (text = max_length - prefix tokens), so a generation budget of
+    ``max_length - len(prefix)`` new tokens can reproduce either.
+    """
+    shortest = min(len(collator.prefix_ids(label)) for label in label_names)
+    return int(collator.config.max_length) - shortest
+
+
+def margins(log_likelihoods: np.ndarray, label_index: Sequence[int]) -> np.ndarray:
+    """``ll[i, y_i] - max over k != y_i of ll[i, k]`` for each row i; shape (n,). Needs >= 2 labels."""
+    ll = np.asarray(log_likelihoods, dtype=np.float64)  # (n, K)
+    if ll.ndim != 2 or ll.shape[1] < 2:
+        raise ValueError(f"margins: need an (n, K >= 2) array of log-likelihoods, got shape {ll.shape}.")
+    y = np.asarray(label_index, dtype=np.int64)  # (n,)
+    if y.shape != (ll.shape[0],):
+        raise ValueError(f"margins: {ll.shape[0]} rows but {y.shape} label indices.")
+    own = ll[np.arange(len(y)), y]
+    others = ll.copy()
+    others[np.arange(len(y)), y] = -np.inf
+    return own - others.max(axis=1)
+
+
+@dataclass
+class LabelScorer:
+    """``log p(text | prefix(label))`` for every label, from a generator and the collator it was trained with.
+
+    Args:
+        model: the (DP fine-tuned) causal LM; put in eval mode by the caller.
+        collator: its ``PrefixLMCollator`` (prefix ids, EOS id, tokenizer, ``max_length``).
+        label_names: the labels, in output-column order.
+        max_text_tokens: the token budget every text is cut to (none: the training rows' text budget,
+            ``max_length - longest prefix``), so long texts cost what training rows cost.
+        batch_size: rows per forward pass.
+        device: where the model is (default: its parameters' device).
+    """
+
+    model: torch.nn.Module
+    collator: Any
+    label_names: tuple[str, ...]
+    max_text_tokens: int | None = None
+    batch_size: int = 16
+    device: torch.device | None = None
+    show_progress: bool = False
+    _budget: int = field(init=False, repr=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.label_names = tuple(self.label_names)
+        if len(self.label_names) < 2:
+            raise ValueError(f"LabelScorer: need at least two labels to compare, got {self.label_names}.")
+        longest = max(len(self.collator.prefix_ids(label)) for label in self.label_names)
+        budget = self.max_text_tokens if self.max_text_tokens is not None else self.collator.config.max_length - longest
+        if budget < 1:
+            raise ValueError(f"LabelScorer: a text budget of {budget} tokens scores nothing; raise max_text_tokens "
+                             "(or the collator's max_length).")
+        self._budget = int(budget)
+        if self.device is None:
+            self.device = next(self.model.parameters()).device
+
+    def _text_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids cut to the budget, plus EOS when the whole text fit."""
+        if not texts:
+            return []
+        eos = self.collator.eos_token_id
+        ids = self.collator.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [list(t[: self._budget]) if len(t) > self._budget else [*t, eos] for t in ids]
+
+    @torch.inference_mode()
+    def log_likelihoods(self, texts: Sequence[str]) -> np.ndarray:
+        """Shape (len(texts), K): summed log-probabilities of each text's scored tokens under each label."""
+        texts = list(texts)
+        out = np.zeros((len(texts), len(self.label_names)), dtype=np.float64)
+        if not texts:
+            return out
+        text_ids = self._text_ids(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(text_ids[i]))  # similar lengths share a batch
+        pad = self.collator.pad_token_id
+        steps = [(k, s) for k in range(len(self.label_names)) for s in range(0, len(order), self.batch_size)]
+        for k, s in tqdm(steps, desc="label scoring", unit="batch", disable=not self.show_progress):
+            prefix = list(self.collator.prefix_ids(self.label_names[k]))
+            rows = order[s:s + self.batch_size]
+            seqs = [prefix + text_ids[i] for i in rows]
+            width = max(len(q) for q in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # (b, T)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (b, T)
+            scored = torch.zeros((len(seqs), width), dtype=torch.bool)  # (b, T): positions whose token is scored
+            for j, q in enumerate(seqs):
+                ids[j, :len(q)] = torch.tensor(q)
+                mask[j, :len(q)] = 1
+                scored[j, len(prefix):len(q)] = True
+            ids, mask, scored = ids.to(self.device), mask.to(self.device), scored.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (b, T-1, V)
+            logp = F.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, T-1)
+            total = (logp * scored[:, 1:]).sum(dim=1)  # position t predicts token t + 1
+            out[rows, k] = total.double().cpu().numpy()
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """``argmax_y log p(text | prefix(y))`` per text (ties go to the first label)."""
+        ll = self.log_likelihoods(texts)
+        return [self.label_names[i] for i in ll.argmax(axis=1).tolist()]
+
+    def margins(self, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+        """``margin(text, label)`` per row; shape (n,)."""
+        unknown = sorted(set(labels) - set(self.label_names))
+        if unknown:
+            raise ValueError(f"LabelScorer.margins: labels {unknown} are not among {self.label_names}.")
+        index = [self.label_names.index(label) for label in labels]
+        return margins(self.log_likelihoods(texts), index)
+
+
+@dataclass
+class MarginFilter:
+    """Keep a sample generated for ``label`` only if its margin exceeds ``threshold`` (post-processing).
+
+    Called by :func:`ghostdp.integrations.synthetic.synthesize.synthesize` once per batch with the batch's
+    candidate texts; returns ``[(keep, margin)]`` in the same order.
+    """
+
+    scorer: LabelScorer
+    threshold: float = 0.0
+
+    def __call__(self, label: str, texts: Sequence[str]) -> list[tuple[bool, float]]:
+        if not texts:
+            return []
+        m = self.scorer.margins(texts, [label] * len(texts))
+        return [(bool(v > self.threshold), float(v)) for v in m]
+
+    def describe(self) -> dict[str, Any]:
+        """What goes into the synthesis metadata (and its resume fingerprint)."""
+        return {
+            "kind": "label likelihood-ratio margin of the DP generator",
+            "rule": "keep if log p(x | prefix(y)) - max_{y' != y} log p(x | prefix(y')) > threshold",
+            "threshold": float(self.threshold),
+            "max_text_tokens": self.scorer._budget,
+            "privacy": "post-processing of the DP generator and its own samples: costs no privacy, reads no "
+                       "private data",
+        }
+
+
+def margin_filter_for(generator: Any, threshold: float | None, *, model: torch.nn.Module | None = None,
+                      show_progress: bool = False) -> MarginFilter | None:
+    """The filter for a loaded generator (``synthesize.LoadedGenerator``), or None when ``threshold`` is None.
+
+    ``model``: score with this model instead of ``generator.model`` (the base model, for the floor).
+    """
+    if threshold is None:
+        return None
+    scorer = LabelScorer(model if model is not None else generator.model, generator.collator, generator.label_names,
+                         device=generator.device, show_progress=show_progress)
+    return MarginFilter(scorer, float(threshold))
+
+
+def generator_classifier_metrics(
+    generator: Any, texts: Sequence[str], labels: Sequence[str], *, max_text_tokens: int | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Accuracy (and per-class recall) of the DP generator as a zero-shot classifier of ``texts``.
+
+    Reads the DP model and the held-out evaluation texts only; nothing is trained.
+    """
+    from ghostdp.integrations.synthetic.classifiers import classification_metrics
+
+    scorer = LabelScorer(generator.model, generator.collator, generator.label_names, device=generator.device,
+                         max_text_tokens=max_text_tokens, show_progress=show_progress)
+    pred = scorer.predict(texts)
+    metrics = classification_metrics(labels, pred, generator.label_names)
+    metrics["n_train"] = 0
+    metrics["note"] = ("argmax over labels of log p(text | prefix(label)) under the DP generator; zero-shot, "
+                       "post-processing of the DP model")
+    logger.info("accuracy[generator_classifier] = %.4f", metrics["accuracy"])
+    return metrics
+
+
+def acceptance_rates(filter_counts: Mapping[str, Mapping[str, int]]) -> dict[str, float | None]:
+    """``accepted / scored`` per label (None where nothing was scored)."""
+    out: dict[str, float | None] = {}
+    for label, c in filter_counts.items():
+        scored = int(c.get("scored", 0))
+        out[label] = int(c.get("accepted", 0)) / scored if scored else None
+    return out
+
+
+def filter_section(filter_meta: Mapping[str, Any] | None) -> str:
+    """The report's Markdown section on the label filter ("" when no filter was used)."""
+    if not filter_meta:
+        return ""
+    rates = filter_meta.get("acceptance_rate", {})
+    counts = filter_meta.get("counts", {})
+    lines = ["## Label filter (post-processing of the DP generator: costs no privacy)", "",
+             (f"Kept a sample only if {filter_meta['rule']}, threshold {filter_meta['threshold']:g}. The filter "
+              "reads the DP model and its own samples only; more samples were generated until every label had its "
+              "count."),
+             "", "| label | scored | accepted | acceptance rate |", "| --- | --- | --- | --- |"]
+    for label, c in counts.items():
+        rate = rates.get(label)
+        lines.append(f"| {label} | {c.get('scored', 0)} | {c.get('accepted', 0)} | "
+                     f"{'n/a' if rate is None else f'{rate:.3f}'} |")
+    return "\n".join(lines) + "\n\n"
