@@ -12,19 +12,21 @@ import torch.nn.functional as F
 
 from ghostdp.integrations.hf.collators import CollatorConfig, PrefixLMCollator
 from ghostdp.integrations.synthetic.config import EvaluateConfig, RunConfig, TrainConfig
-from ghostdp.integrations.synthetic.evaluate import (
+from ghostdp.integrations.synthetic.dp_classifiers import (
     DPClassifierConfig,
     DPLinearProbe,
     DPMiniLMClassifier,
+)
+from ghostdp.integrations.synthetic.evaluate import (
     evaluate_synthetic,
     heldout_perplexity,
 )
 from ghostdp.integrations.synthetic.text_data import LabelledTexts
 from tests.helpers import tiny_llama
 
-POS = "good great wonderful superb lovely brilliant moving charming".split()
-NEG = "bad awful dull boring tedious lifeless clumsy dreary".split()
-FILLER = "the film movie plot acting story script cast".split()
+POS = ["good", "great", "wonderful", "superb", "lovely", "brilliant", "moving", "charming"]
+NEG = ["bad", "awful", "dull", "boring", "tedious", "lifeless", "clumsy", "dreary"]
+FILLER = ["the", "film", "movie", "plot", "acting", "story", "script", "cast"]
 NAMES = ("negative", "positive")
 
 

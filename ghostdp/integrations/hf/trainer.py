@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint, seed_worker
 
-from ghostdp.engine.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from ghostdp.engine import planning
 from ghostdp.engine.loss import per_example_lm_loss
 from ghostdp.engine.privacy_engine import PrivacyEngine
 from ghostdp.engine.sampling import PoissonBatchSampler
@@ -218,29 +218,6 @@ class _PrivacyBudgetCallback(TrainerCallback):
         return control
 
 
-def _steps_within_budget(history, sigma: float, q: float, delta: float, target: float, accountant: str,
-                         planned: int) -> int:
-    """Largest total step count K <= planned with epsilon(history + (K - done) steps at (sigma, q)) <= target."""
-    done = sum(n for _, _, n in history)
-
-    def eps(total: int) -> float:
-        acc = PrivacyAccountant()
-        acc.load_state_dict({"history": [list(h) for h in history]})
-        if total > done:
-            acc.step(sigma, q, total - done)
-        return acc.epsilon(delta, accountant) if acc.steps else 0.0
-
-    if planned <= done or eps(planned) <= target:
-        return max(planned, done)
-    if eps(done) > target:
-        return done
-    lo, hi = done, planned  # eps(lo) <= target < eps(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if eps(mid) <= target else (lo, mid)
-    return lo
-
-
 class DPTrainer(Trainer):
     """``transformers.Trainer`` that trains with DP-SGD; see the module docstring for what changes and why.
 
@@ -371,9 +348,10 @@ class DPTrainer(Trainer):
         N = self._check_train_dataset()
         L = args.logical_batch_size
         q = L / N
-        steps = args.max_steps if args.max_steps > 0 else max(1, round(args.num_train_epochs / q))
-        delta = args.target_delta if args.target_delta is not None else 1.0 / (2 * N)
+        steps = planning.planned_steps(sample_rate=q, epochs=args.num_train_epochs, max_steps=args.max_steps)
+        delta = args.target_delta if args.target_delta is not None else planning.default_delta(N)
         history: list = []
+        sigma = None
         if saved is not None:
             old = saved["plan"]
             now = {"num_examples": N, "logical_batch_size": L, "delta": delta, "max_grad_norm": args.max_grad_norm}
@@ -391,25 +369,17 @@ class DPTrainer(Trainer):
             history = [tuple(h) for h in saved["engine"]["accountant"]["history"]]
         elif args.noise_multiplier is not None:
             sigma = float(args.noise_multiplier)
-        else:
-            sigma = calibrate_noise_multiplier(
-                target_epsilon=args.target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=args.accountant
+        planned = planning.plan_dp_sgd(num_examples=N, expected_batch_size=L, steps=steps, delta=delta,
+                                       target_epsilon=args.target_epsilon, noise_multiplier=sigma, history=history,
+                                       accountant=args.accountant)
+        sigma, planned_eps, budget, done = (planned.noise_multiplier, planned.planned_epsilon, planned.budget_steps,
+                                            planned.steps_done)
+        if args.target_epsilon is not None and budget <= done and steps > done:
+            raise PrivacyBudgetExhaustedError(
+                f"No step fits in target_epsilon={args.target_epsilon}: {done} steps already spent it "
+                f"(delta={delta:g}). "
+                "Training on would exceed the budget. Stop here, or raise target_epsilon knowingly."
             )
-        done = sum(n for _, _, n in history)
-        acc = PrivacyAccountant()
-        acc.load_state_dict({"history": [list(h) for h in history]})
-        if steps > done:
-            acc.step(sigma, q, steps - done)
-        planned_eps = acc.epsilon(delta, args.accountant) if acc.steps else 0.0
-        budget = steps
-        if args.target_epsilon is not None:
-            budget = _steps_within_budget(history, sigma, q, delta, args.target_epsilon, args.accountant, steps)
-            if budget <= done and steps > done:
-                raise PrivacyBudgetExhaustedError(
-                    f"No step fits in target_epsilon={args.target_epsilon}: {done} steps already spent it "
-                    f"(delta={delta:g}). "
-                    "Training on would exceed the budget. Stop here, or raise target_epsilon knowingly."
-                )
         plan = PrivacyPlan(
             num_examples=N, logical_batch_size=L, sample_rate=q, planned_steps=steps, noise_multiplier=sigma,
             max_grad_norm=float(args.max_grad_norm), delta=delta, target_epsilon=args.target_epsilon,

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ghostdp.engine import planning
 from ghostdp.integrations.synthetic.config import ConfigError, RunConfig, TrainConfig, run_config_to_toml
 from ghostdp.integrations.synthetic.synthesize import (
     GENERATOR_META,
@@ -146,9 +147,11 @@ def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True)
             f"The private data has {N} rows, fewer than train.logical_batch_size={cfg.logical_batch_size}; lower "
             "logical_batch_size (q = logical_batch_size / N must be <= 1, and small for privacy amplification)."
         )
-    delta = cfg.delta if cfg.delta is not None else 1.0 / (2 * N)
-    if delta >= 1.0 / N:
-        raise ConfigError(f"train.delta={delta:g} >= 1/N = {1 / N:g}: use delta well below 1/N (none gives 1/(2N)).")
+    delta = cfg.delta if cfg.delta is not None else planning.default_delta(N)
+    try:
+        planning.check_delta(delta, N, where="train.delta")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     release = None
     if cfg.label_epsilon is not None:
@@ -178,12 +181,13 @@ def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True)
     trainer.train()
     plan, engine = trainer.privacy_plan, trainer.privacy_engine
     eps_train = trainer.current_epsilon()
-    eps_rdp = engine.epsilon(plan.delta, accountant="rdp") if engine.steps else 0.0
+    eps_rdp = planning.epsilon_of_history(engine.accountant.history, plan.delta, "rdp")
     engine.detach()
     model = trainer.model
     model.eval()
 
-    eps_labels = release.epsilon if release is not None else 0.0
+    spent = planning.run_epsilon(eps_train, release.epsilon if release is not None else None, plan.delta)
+    eps_labels = spent.epsilon_labels
     log = [{"step": int(r["step"]), "loss": float(r["loss"]), "epsilon": float(r["epsilon"]),
             "learning_rate": float(r.get("learning_rate", float("nan")))}
            for r in trainer.state.log_history if "loss" in r and "epsilon" in r]
@@ -200,12 +204,12 @@ def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True)
         "data": {"source": data.source, "num_examples": N, "fingerprint": data_fingerprint(data, paths),
                  "fingerprint_kind": "HMAC-SHA256(run key in private/data_key, ghostdp data_hash)"},
         "privacy": {
-            "epsilon_total": eps_train + eps_labels,
+            "epsilon_total": spent.epsilon_total,
             "delta": plan.delta,
             "epsilon_train": eps_train,
             "epsilon_train_rdp": eps_rdp,
             "epsilon_labels": eps_labels,
-            "composition": "basic: epsilon_total = epsilon_train + epsilon_labels (labels: pure epsilon-DP)",
+            "composition": spent.composition,
             "accountant": plan.accountant,
             "target_epsilon": plan.target_epsilon,
             "noise_multiplier": plan.noise_multiplier,

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ghostdp.engine import planning
 from ghostdp.integrations.synthetic.config import SynthesizeConfig
 
 __all__ = [
@@ -117,8 +118,9 @@ def release_label_counts(
     ``rng``: by default a generator seeded from OS entropy. A known seed makes the noise removable; pass
     one only in tests.
     """
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"release_label_counts: epsilon={epsilon!r}; need a finite number > 0.")
+    if epsilon is None:
+        raise ValueError("release_label_counts: epsilon=None; need a finite number > 0 (no release: do not call).")
+    epsilon = planning.label_release_epsilon(epsilon)
     if not counts:
         raise ValueError("release_label_counts: no labels to release.")
     rng = rng if rng is not None else np.random.default_rng()
