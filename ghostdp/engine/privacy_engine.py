@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from numbers import Real
@@ -28,9 +29,11 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ghostdp import kernels
-from ghostdp.engine.errors import BatchMismatchError, UnsupportedModuleError
+from ghostdp.engine import fsdp
+from ghostdp.engine.errors import BatchMismatchError, UnclippedGradientError, UnsupportedModuleError
 from ghostdp.engine.grads import Dense, Factored, PerExampleGrad, compute_dtype, summed_norm2
 from ghostdp.engine.layers import sampler_for
 from ghostdp.engine.layers.lora import check_peft_model
@@ -48,7 +51,53 @@ class _BackwardContext:
 
     uses: dict[nn.Parameter, list[PerExampleGrad]] = field(default_factory=dict)
     batch_size: int | None = None
+    forward: "_ForwardInfo | None" = None
     finalize_queued: bool = False
+
+
+# Keyword arguments that carry the examples of a model's forward, most specific first.
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features",
+                 "decoder_input_ids", "x", "input")
+
+
+@dataclass(eq=False)
+class _ForwardInfo:
+    """One grad-enabled forward of the whole model: the independent count of its examples.
+
+    ``batch`` is the leading dimension of the model's main input (``input_ids``, ``inputs_embeds``, ... or
+    its first tensor argument), recorded by a forward pre-hook on the model the engine was attached to.
+    Every clipped layer's per-example leading dimension is checked against it.
+    """
+
+    batch: int
+    source: str  # e.g. "input_ids of shape (4, 8)", for error messages
+
+
+def _model_batch(args: tuple, kwargs: dict) -> tuple[int, str] | None:
+    """(number of examples, where it came from) of a model call, or None if no tensor input has a dim."""
+    def ok(v):
+        return isinstance(v, torch.Tensor) and v.dim() >= 1
+
+    for key in _BATCH_INPUTS:
+        if ok(kwargs.get(key)):
+            return kwargs[key].shape[0], f"'{key}' of shape {tuple(kwargs[key].shape)}"
+    for i, v in enumerate(args):
+        if ok(v):
+            return v.shape[0], f"positional argument {i} of shape {tuple(v.shape)}"
+    for key, v in kwargs.items():
+        if ok(v):
+            return v.shape[0], f"'{key}' of shape {tuple(v.shape)}"
+    return None
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | None:
+    for i, v in enumerate(args):
+        if isinstance(v, torch.Tensor):
+            return i, v
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            return k, v
+    return None
 
 
 def _norm_method(grad: PerExampleGrad, clipping: Clipping, impl: str) -> str:
@@ -144,7 +193,11 @@ class PrivacyEngine:
 
         self.accountant = PrivacyAccountant()
         self._ctx = _BackwardContext()
-        self._recorder = Recorder(self._record, torch.zeros((), requires_grad=True))
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._recorder = Recorder(partial(self._record, None), self._anchor)  # layers run outside a model call
+        self._forward: _ForwardInfo | None = None  # the latest grad-enabled model forward
+        self._forward_recorder = self._recorder
+        self._model_depth = 0
         self._patched: list[nn.Module] = []
         self._handles: list = []
         self._attach()
@@ -157,6 +210,7 @@ class PrivacyEngine:
                 "never fire under ghostdp (autograd does not form unclipped parameter gradients). ghostdp "
                 "all-reduces the clipped sums itself and adds the noise once (distributed=True)."
             )
+        fsdp.refuse_fsdp1(self.model)
         check_peft_model(self.model)
         trainable: dict[nn.Parameter, str] = {}
         to_patch: dict[int, tuple[nn.Module, object]] = {}
@@ -185,6 +239,16 @@ class PrivacyEngine:
                 "the optimizer only model.parameters(), or freeze those parameters."
             )
         self._names = trainable
+        # FSDP2 (fully_shard): layers record FSDP's unsharded parameters; reduce-scatter and shard noise there.
+        self._fsdp = fsdp.attach(self.model, trainable, self._untracked_gradient, self.distributed)
+        if self._fsdp is not None:
+            self._handles.append(self._fsdp)
+        # Every parameter of the model by name (frozen ones too), for errors about parameters the engine
+        # does not clip; and, per clipped parameter, the .grad the engine last wrote (see _check_grad).
+        self._all_names: dict[nn.Parameter, str] = {}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            self._all_names.setdefault(p, n)
+        self._written: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
         for module, sampler in to_patch.values():
             if "forward" in module.__dict__:
                 raise RuntimeError(
@@ -196,6 +260,9 @@ class PrivacyEngine:
         for p, name in trainable.items():
             self._handles.append(p.register_post_accumulate_grad_hook(partial(self._untracked_gradient, name)))
         self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._model_post_forward, always_call=True))
+        self._handles.append(register_optimizer_step_pre_hook(self._before_any_step))
         log.info(
             "ghostdp attached: %d trainable tensors (%d elements) in %d layers, clipping=%s",
             len(trainable), sum(p.numel() for p in trainable), len(self._patched), self.clipping,
@@ -209,10 +276,73 @@ class PrivacyEngine:
             h.remove()
         self._patched, self._handles = [], []
 
+    def _model_pre_forward(self, model, args, kwargs):
+        """Count the examples of a grad-enabled model forward from its inputs (independently of the layers)."""
+        self._model_depth += 1
+        if self._model_depth == 1 and torch.is_grad_enabled():
+            found = _model_batch(args, kwargs)
+            self._forward = None if found is None else _ForwardInfo(*found)
+            self._forward_recorder = Recorder(partial(self._record, self._forward), self._anchor)
+        return None
+
+    def _model_post_forward(self, model, args, output):
+        self._model_depth = max(0, self._model_depth - 1)
+        return None
+
     def _dp_forward(self, module: nn.Module, sampler, *args, **kwargs):
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters(recurse=False)):
             return type(module).forward(module, *args, **kwargs)
-        return sampler.forward(module, self._recorder, *args, **kwargs)
+        # Inside a model call, or recomputing one of its layers in backward (activation checkpointing): the
+        # layer belongs to the latest model forward. A layer called on its own has no model count.
+        in_model = self._model_depth > 0 or torch._C._current_graph_task_id() != -1
+        info = self._forward if in_model else None
+        record = self._forward_recorder if in_model else self._recorder
+        if info is not None:
+            args, kwargs = self._check_examples_leading(module, sampler, info, args, kwargs)
+        return sampler.forward(module, record, *args, **kwargs)
+
+    def _check_examples_leading(self, module, sampler, info: _ForwardInfo, args, kwargs):
+        """The layer's input must have the model's examples as its leading dimension, or be handled exactly.
+
+        An input with leading dimension 1 while the model has B > 1 examples is shared by the batch and
+        broadcast (BERT's position ids (1, T)): autograd would sum its gradient over the examples before the
+        engine could clip it. Layers whose rule says so (embeddings) expand such an input to B rows, which is
+        exact: the output is then the broadcast value itself, and example i's gradient is the one-hot sum with
+        its own g_i. Any other leading dimension means the layer does not see one example per row (sequence
+        first, tokens flattened across examples, a shared input): refused.
+        """
+        first = _first_tensor(args, kwargs)
+        if first is None or first[1].dim() == 0 or first[1].shape[0] == info.batch:
+            return args, kwargs
+        key, x = first
+        lead = x.shape[0]
+        name = self._layer_name(module)
+        if lead == 1 and sampler.expands_broadcast_input:
+            x = x.expand(info.batch, *x.shape[1:])
+            log.debug("ghostdp: layer '%s' input of shape (1, ...) expanded to the model's %d examples", name, info.batch)
+            if isinstance(key, int):
+                return args[:key] + (x,) + args[key + 1:], kwargs
+            return args, {**kwargs, key: x}
+        what = (
+            "is shared by the whole batch and broadcast (e.g. position ids of shape (1, T)), so autograd sums its "
+            "gradient over the examples before the engine can clip it per example"
+            if lead == 1 else
+            "does not have one example per row (a sequence-first layout, tokens flattened across examples, or an "
+            "input shared by the batch), so its per-example gradients would be clipped per some other unit"
+        )
+        raise BatchMismatchError(
+            f"Layer '{name}' ({type(module).__name__}) got an input of shape {tuple(x.shape)} whose leading dimension "
+            f"{lead} is not the model's {info.batch} examples (counted from the model input {info.source}). That "
+            f"input {what}, which voids the DP guarantee. Fix: pass per-example inputs with the batch first (e.g. "
+            "position_ids expanded to (B, T)), keep examples on dim 0 inside the model, or freeze this layer."
+        )
+
+    def _layer_name(self, module: nn.Module) -> str:
+        for n, p in module.named_parameters(recurse=False):
+            name = self._all_names.get(p)
+            if name is not None:
+                return name.rsplit(".", 1)[0] if "." in name else "<root>"
+        return type(module).__name__
 
     @staticmethod
     def _untracked_gradient(name: str, param: torch.Tensor) -> None:
@@ -222,16 +352,122 @@ class PrivacyEngine:
             "break the DP guarantee. Use the module itself, or freeze the parameter."
         )
 
+    # ------------------------------------------------------------------ which gradients the engine wrote
+    def _param_name(self, p: torch.Tensor) -> str:
+        return self._names.get(p) or self._all_names.get(p) or f"<tensor of shape {tuple(p.shape)} outside the model>"
+
+    def _mark_written(self, p: nn.Parameter) -> None:
+        """Remember ``p.grad`` as the engine left it: the same tensor object at the same version counter."""
+        self._written[p] = (weakref.ref(p.grad), p.grad._version)
+
+    def _engine_wrote(self, p: nn.Parameter) -> bool:
+        token = self._written.get(p)
+        return token is not None and token[0]() is p.grad and p.grad._version == token[1]
+
+    def _check_grad(self, p: nn.Parameter, when: str) -> None:
+        """Raise unless ``p.grad`` is None, is exactly what the engine last wrote, or is all zeros.
+
+        The engine's layers pass parameters into autograd detached, so autograd itself never writes a
+        clipped parameter's ``.grad``: any other ``.grad`` came from outside the engine. A tensor object
+        or in-place version counter that differs from the engine's last write means it was replaced or
+        changed (by hand, a hook of another library, an in-place clip or scaler) or predates attach. A
+        gradient of zeros carries no data (``zero_grad(set_to_none=False)``) and is accepted. Not seen:
+        writes through ``.grad.data``, which bypass the version counter.
+        """
+        if p.grad is None or self._engine_wrote(p):
+            return
+        if not bool(p.grad.any()):
+            return
+        origin = (
+            "it was there before the engine ever wrote it (a gradient left from a backward before the "
+            "PrivacyEngine attached, or one assigned by hand or by another library's hook)"
+            if p not in self._written else
+            "it was replaced or changed in place after the engine wrote it (by hand, by a hook of another "
+            "library, by gradient clipping or a loss scaler's unscale_)"
+        )
+        raise UnclippedGradientError(
+            f"Parameter '{self._param_name(p)}' has a .grad that the engine did not produce ({when}): {origin}. "
+            "The optimizer would apply a gradient that was not clipped per example and noised, which voids the "
+            "DP guarantee. Call optimizer.zero_grad(set_to_none=True) before the first backward, and leave "
+            ".grad to the engine between backward and optimizer.step()."
+        )
+
+    def _before_any_step(self, optimizer, args, kwargs) -> None:
+        """Global optimizer pre-hook: refuse a second optimizer stepping a parameter the engine clips."""
+        if optimizer is self.optimizer or getattr(optimizer, "optimizer", None) is self.optimizer:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p in self._names:
+                    raise UnclippedGradientError(
+                        f"Parameter '{self._param_name(p)}' is clipped by a PrivacyEngine, but "
+                        f"{type(optimizer).__name__} (not the optimizer the engine was attached to) is stepping "
+                        "it. Only the engine's optimizer adds the noise, so this step would apply an un-noised "
+                        "clipped sum (or apply a released gradient twice) and void the DP guarantee. Put every "
+                        "parameter in the engine's optimizer (param groups can hold different learning rates), "
+                        "or freeze the parameter before attaching the engine."
+                    )
+
+    def _check_step(self, optimizer, args, kwargs) -> None:
+        """Before the engine's optimizer steps: every parameter it would change has an engine gradient."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is not None:
+            raise UnclippedGradientError(
+                f"{type(optimizer).__name__}.step() got a closure: it would run backward inside the step, after "
+                "the engine added the noise, and apply un-noised clipped gradients. Run the backward before "
+                "optimizer.step() and call it without a closure (closure-based optimizers such as LBFGS, which "
+                "re-evaluate the loss several times per step, are not supported)."
+            )
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # torch optimizers leave a parameter without a gradient unchanged
+                if p not in self._names:
+                    name = self._all_names.get(p)
+                    if name is None:
+                        why = ("it is not a parameter of the model the engine was attached to (added to the "
+                               "optimizer after attach, e.g. with add_param_group, or a tensor from elsewhere)")
+                    elif p.requires_grad:
+                        why = ("it was frozen when the engine attached and its requires_grad was turned on "
+                               "afterwards, so its gradient is autograd's raw batch gradient")
+                    else:
+                        why = "it is frozen, yet has a .grad (written by hand or by another library's hook)"
+                    raise UnclippedGradientError(
+                        f"Parameter '{self._param_name(p)}' would be stepped by the engine's optimizer, but the "
+                        f"engine does not clip it: {why}. That gradient is neither clipped per example nor noised, "
+                        "which voids the DP guarantee. Decide which parameters train before creating the "
+                        "PrivacyEngine (detach() and attach a new engine after changing requires_grad or the "
+                        "param groups), or set this parameter's .grad to None."
+                    )
+                self._check_grad(p, "at optimizer.step()")
+
     # ------------------------------------------------------------------ backward book-keeping
-    def _record(self, param: nn.Parameter, grad: PerExampleGrad) -> None:
-        """Called from layers' backward with one use's per-example gradient of ``param``."""
+    def _record(self, forward: _ForwardInfo | None, param: nn.Parameter, grad: PerExampleGrad) -> None:
+        """Called from layers' backward with one use's per-example gradient of ``param`` (from ``forward``)."""
+        if self._fsdp is not None:
+            param = self._fsdp.sharded(param)  # FSDP2: key by the sharded parameter the optimizer steps
+        if param not in self._names:
+            raise UnclippedGradientError(
+                f"Parameter '{self._param_name(param)}' was frozen when the PrivacyEngine attached and has "
+                "requires_grad=True now, so the engine holds no clipping and noise plan for it and the optimizer "
+                "may not even hold it. Set requires_grad before creating the PrivacyEngine (detach() it and attach "
+                "a new one after unfreezing), or freeze the parameter again."
+            )
         ctx = self._ctx
         if ctx.batch_size is None:
-            ctx.batch_size = grad.batch
-        elif grad.batch != ctx.batch_size:
+            ctx.batch_size, ctx.forward = grad.batch, forward
+        elif forward is not None and ctx.forward is not None and forward is not ctx.forward:
             raise BatchMismatchError(
-                f"Layers saw batch sizes {ctx.batch_size} and {grad.batch} in one backward pass. ghostdp needs "
-                "dim 0 to be the batch for every clipped layer, and one physical batch per backward."
+                "One backward pass reached the layers of two different forward calls of the model (e.g. the sum "
+                "of two batches' losses). Their examples would be paired by position and clipped together as one "
+                "example. Call backward once per forward (gradients accumulate across backward passes)."
+            )
+        if grad.batch != ctx.batch_size or (forward is not None and grad.batch != forward.batch):
+            expected = ctx.batch_size if forward is None else forward.batch
+            raise BatchMismatchError(
+                f"Parameter '{self._param_name(param)}' got per-example gradients for {grad.batch} examples in a "
+                f"backward pass over {expected}. ghostdp needs dim 0 to be the batch for every clipped layer, and "
+                "one physical batch per backward; otherwise examples would be clipped per some other unit."
             )
         if self.clipping != "ghost" and grad.dense_elements <= grad.kept_elements:
             grad = Dense(grad.dense())  # smaller than its factors: keep per-example gradients (LoRA, r < T)
@@ -258,11 +494,17 @@ class PrivacyEngine:
             norm2 += summed_norm2(uses, method, shared, impl).to(device, dtype)
         norms = norm2.sqrt() * scale
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale  # c_i, times the "mean" undo
+        for p in ctx.uses:
+            self._check_grad(p, "before the engine added this backward's clipped sum to it")
+        if self._fsdp is not None:  # FSDP2: every parameter's clipped sum is reduce-scattered to its shards
+            self._fsdp.add_clipped_sums(ctx.uses, factors, self._impl_for, self._mark_written)
+            ctx.uses = {}
         for p, uses in ctx.uses.items():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             for u in uses:
                 u.add_clipped_sum_(factors.to(u.device()), p.grad, self._impl_for(u))
+            self._mark_written(p)
         self.per_sample_norms = norms
 
     def _impl_for(self, grad: PerExampleGrad) -> str:
@@ -293,11 +535,21 @@ class PrivacyEngine:
         """grad = (clipped sum [all-reduced] + N(0, sigma^2 C^2 I), once) / expected_batch_size, in fp32+."""
         import torch.distributed as dist
 
+        self._check_step(optimizer, args, kwargs)
         std = self.noise_multiplier * self.max_grad_norm
         world = self._world_size()
         noise_here = std > 0 and (world == 1 or dist.get_rank() == 0)
-        in_optimizer = {p for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+        # Every parameter this step changes gets noise: trainable ones (zeros + noise when a batch was empty)
+        # and any with a gradient (one frozen after the engine wrote its clipped sum).
+        in_optimizer = {
+            p for group in optimizer.param_groups for p in group["params"] if p.requires_grad or p.grad is not None
+        }
         params = [p for p in self._names if p in in_optimizer]  # model order: noise independent of groups
+        if self._fsdp is not None:  # FSDP2: each rank noises and scales the shards it owns, nothing to reduce
+            self._fsdp.noise_and_scale(params, std, self.expected_batch_size, self._noise_generator, self._noise_impl)
+            for p in params:
+                self._mark_written(p)
+            params = []
         base_seed = None
         for index, p in enumerate(params):
             if p.grad is None:
@@ -313,6 +565,7 @@ class PrivacyEngine:
                 if world > 1:
                     dist.all_reduce(p.grad)
                 p.grad.div_(self.expected_batch_size)
+                self._mark_written(p)
                 continue
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             g = p.grad.to(dtype)  # no copy for fp32/fp64 gradients: updated in place below
@@ -325,6 +578,7 @@ class PrivacyEngine:
             g.div_(self.expected_batch_size)
             if g is not p.grad:
                 p.grad = g.to(p.dtype)
+            self._mark_written(p)
         self.steps += 1
         if self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

@@ -36,6 +36,7 @@ class _EmbeddingFn(torch.autograd.Function):
 @register_layer(nn.Embedding)
 class EmbeddingSampler(LayerSampler):
     param_names = ("weight",)
+    expands_broadcast_input = True  # ids (1, T) shared by the batch: G_i = sum_t e_{x_t} ⊗ g_it, exactly
 
     def validate(self, module: nn.Embedding, qualname: str) -> None:
         reason = None

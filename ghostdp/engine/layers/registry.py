@@ -33,6 +33,9 @@ class LayerSampler:
     """How one module type is clipped. Subclasses set ``param_names`` and implement ``forward``."""
 
     param_names: tuple[str, ...] = ("weight", "bias")
+    # Whether an input with leading dimension 1, broadcast over a model batch of B, may be expanded to B rows
+    # (exact when the output is only ever broadcast: embeddings). Other rules refuse such inputs.
+    expands_broadcast_input: bool = False
 
     def validate(self, module: nn.Module, qualname: str) -> None:
         """Raise ``UnsupportedModuleError`` for configurations of this type that cannot be clipped."""
