@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "spin-wait for each other stall when they do not all get a core.")
         common.add_argument("-v", "--verbose", action="count", default=0, help="More logging (-vv: debug).")
         common.add_argument("-q", "--quiet", action="store_true", help="Warnings and errors only.")
+        if command == "pipeline":
+            common.add_argument("--seeds", type=int, default=1, metavar="N",
+                                help="Repeat the whole run N times with fresh DP noise (<run-dir>/seed-<i>) and "
+                                "report the mean and std of every accuracy (<run-dir>/seeds.md). Each repeat "
+                                "trains on the private data again: release at most one of them.")
         if command == "synthesize":
             common.add_argument("--max-batches", type=int, metavar="N",
                                 help="Stop after N generation batches (resume later by running the command again).")
@@ -263,6 +268,11 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
     elif ns.command == "evaluate":
         result = pipeline.evaluate_step(config, run_dir, show_progress=show)
         _print_headline(result.headline, result.report_md)
+    elif ns.seeds > 1:
+        from ghostdp.integrations.synthetic.seeds import run_seeds, seeds_markdown
+
+        summary = run_seeds(config, run_dir, ns.seeds, show_progress=show)
+        print(seeds_markdown(summary) + f"\nSummary: {run_dir / 'seeds.md'}")
     else:
         result, _, timings = pipeline.run_pipeline(config, run_dir, show_progress=show)
         _print_headline(result.headline, result.report_md, timings)
@@ -274,6 +284,8 @@ def _print_headline(h: dict[str, Any], report: Path, timings: dict[str, float] |
         f"accuracy on real held-out data: synthetic {_fmt(h['accuracy_synthetic'])} | DP on real "
         f"{_fmt(h['accuracy_dp_on_real'])} | real, non-private ceiling {_fmt(h['accuracy_real_ceiling'])} | "
         f"prior floor {_fmt(h['accuracy_prior_floor'])}",
+        (f"real, same count and length cap {_fmt(h.get('accuracy_real_matched'))} | DP generator as classifier "
+         f"{_fmt(h.get('accuracy_generator_classifier'))} | label fidelity {_fmt(h.get('label_fidelity'))}"),
         f"MAUVE {_fmt(h['mauve'])}, held-out perplexity {_fmt(h['perplexity'])}",
     ]
     if timings:
@@ -299,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return bench.run(ns)
     _setup_logging(ns)
+    if getattr(ns, "seeds", 1) < 1:
+        logger.error("--seeds %d: need an int >= 1.", ns.seeds)
+        return EXIT_USAGE
     try:
         config, run_dir = resolve_config(ns)
     except ConfigError as exc:
