@@ -23,9 +23,11 @@ What changes against one device, and why the result is the same step:
   the unsharded parameters (registered once FSDP creates them, after a forward) refuse that.
 
 Supported: every trainable parameter managed by ``fully_shard`` on a 1-D mesh with the default
-``Shard(0)`` placement (reshard_after_forward True/False/int, tied parameters, frozen and trainable
-parameters mixed in one group, gradient checkpointing). Refused with the reason: the FSDP1
-``FullyShardedDataParallel`` wrapper, CPU offload, mixed precision policies, HSDP / 2-D meshes,
+``Shard(0)`` placement; tied parameters; frozen and trainable parameters in one group (LoRA); gradient
+checkpointing; ``reshard_after_forward``; a ``MixedPrecisionPolicy`` (layers run in its ``param_dtype``;
+clipped sums are reduced in fp32, fp64 for fp64 shards, whatever its ``reduce_dtype``; shards and their
+gradients keep their dtype).
+Refused with the reason: the FSDP1 ``FullyShardedDataParallel`` wrapper, CPU offload, HSDP / 2-D meshes,
 tensor-parallel DTensor parameters, custom shard placements, trainable parameters left outside
 ``fully_shard``.
 
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 
 _WAYS_OUT = (
     "Use FSDP2 as `for block in model.model.layers: fully_shard(block)` then `fully_shard(model)` with its "
-    "defaults (1-D mesh, no offload, no mixed-precision policy), or train data-parallel without sharding "
+    "defaults (1-D mesh, no CPU offload), or train data-parallel without sharding "
     "(ghostdp all-reduces clipped sums itself; do not wrap the model)."
 )
 
@@ -100,6 +102,11 @@ def _fsdp_params(model: nn.Module) -> list:
     return out
 
 
+def _sum_dtype(sharded: torch.Tensor) -> torch.dtype:
+    """Clipped sums are formed and reduced in fp32, or fp64 for fp64 shards (whatever FSDP gathers in)."""
+    return torch.float64 if sharded.dtype == torch.float64 else torch.float32
+
+
 def is_fsdp2(model: nn.Module) -> bool:
     """True if any submodule was passed to ``fully_shard`` or any parameter is a DTensor."""
     api = _fsdp2()
@@ -135,9 +142,6 @@ class FSDP2Sharding:
             if fp.offload_to_cpu:
                 reason = ("CPU offload (offload_policy=CPUOffloadPolicy()) is not supported: the clipped sums "
                           "and the noise are added to the gradient on the compute device")
-            elif any(dt not in (None, p.dtype) for dt in (fp.mp_policy.param_dtype, fp.mp_policy.reduce_dtype)):
-                reason = ("a MixedPrecisionPolicy (param_dtype/reduce_dtype) is not supported yet; load the model "
-                          "in the dtype to train in (ghostdp sums and noises in fp32 at least anyway)")
             elif mesh.ndim != 1:
                 reason = f"a {mesh.ndim}-D device mesh (HSDP or tensor parallel) is not supported, only a 1-D mesh"
             elif getattr(fp, "is_dtensor", False):
@@ -147,6 +151,11 @@ class FSDP2Sharding:
             if reason:
                 raise UnsupportedModuleError(f"FSDP2 parameter '{name}': {reason}. {_WAYS_OUT}")
             self._params.append((fp, name))
+        ignored = {str(fp.mp_policy.reduce_dtype) for fp, _ in self._params
+                   if fp.mp_policy.reduce_dtype not in (None, _sum_dtype(fp.sharded_param))}
+        if ignored:
+            log.info("FSDP2 MixedPrecisionPolicy reduce_dtype %s is not used: ghostdp reduces clipped sums in fp32 "
+                     "(fp64 for fp64 shards)", ", ".join(sorted(ignored)))
         self._on_untracked = on_untracked
         self._hooked: set[int] = set()
         self._by_unsharded: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
@@ -213,7 +222,7 @@ class FSDP2Sharding:
         full = tuple(sharded.shape)  # the unsharded shape
         rows = -(-full[0] // world)  # torch.chunk's chunk size: rank r owns rows [r*rows, (r+1)*rows)
         local = sharded.to_local()
-        dtype = torch.float64 if sharded.dtype == torch.float64 else torch.float32
+        dtype = _sum_dtype(sharded)
         buf = torch.zeros((rows * world, *full[1:]), dtype=dtype, device=local.device)  # zero-padded rows
         for u in uses:
             u.add_clipped_sum_(factors.to(u.device()), buf[: full[0]], impl_for(u))

@@ -4,7 +4,10 @@ One launch checks several cases in one process group and writes, per rank, a tor
 - ``equal/<case>``: after two DP steps (two physical batches each, noise 0, gradient checkpointing on,
   reshard_after_forward=True), the max abs difference between every full parameter (gathered from its
   shards) and one process training on the whole global batch; and which trainable parameters moved.
-- ``reference/<case>``: the first step's update against the one-example-at-a-time float64 reference.
+  Cases: tied, untied, LoRA (float64), and "mixed": float32 shards with MixedPrecisionPolicy(param_dtype=
+  float64), against one float64 process (equal up to float32 rounding of the stepped shards).
+- ``reference/<case>``: the first step's update against the one-example-at-a-time float64 reference
+  (float64 cases).
 - ``noise``: with zero gradients, this rank's shard updates (= -noise / E with lr 1) per parameter, for
   three runs: seed 7, seed 7 again, seed 8.
 - ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, and a parameter used
@@ -22,7 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard  # noqa: E402
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard  # noqa: E402
 
 from ghostdp import PrivacyEngine  # noqa: E402
 from tests.helpers import lm_batch, lm_losses, reference_dp_grads, tiny_llama  # noqa: E402
@@ -42,7 +45,7 @@ def local_share(batch, rank, world):
 
 def build(case: str):
     tie = case != "untied"
-    model = tiny_llama(tie)
+    model = tiny_llama(tie, dtype=torch.float32 if case == "mixed" else torch.float64)
     if case == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -57,7 +60,9 @@ def llama_of(model):
     return model.base_model.model if hasattr(model, "peft_config") else model
 
 
-def shard_model(model, **kw):
+def shard_model(model, case: str = "", **kw):
+    if case == "mixed":  # fp32 shards, layers run on float64 gathered weights
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.float64, reduce_dtype=torch.float64)
     for block in llama_of(model).model.layers:
         fully_shard(block, reshard_after_forward=True, **kw)
     fully_shard(model, reshard_after_forward=True, **kw)
@@ -95,15 +100,17 @@ def full_params(model) -> dict[str, torch.Tensor]:
 def check_equal(case, rank, world, results):
     base = build(case)
     start = {n: p.detach().clone() for n, p in base.named_parameters()}
-    single = train(copy.deepcopy(base), 2, 0, 1, distributed=False)
+    single = train(copy.deepcopy(base).double(), 2, 0, 1, distributed=False)
     want = dict(single.named_parameters())
-    sharded = train(shard_model(copy.deepcopy(base)), 2, rank, world)
+    sharded = train(shard_model(copy.deepcopy(base), case), 2, rank, world)
     got = full_params(sharded)
-    diff = max(float((got[n] - want[n]).abs().max()) for n in want)
+    diff = max(float((got[n].double() - want[n].detach()).abs().max()) for n in want)
     moved = {n: bool((got[n] - start[n]).abs().max() > 1e-8) for n, p in base.named_parameters() if p.requires_grad}
     results[f"equal/{case}"] = {"max_abs_diff": diff, "moved": moved,
                                 "scale": max(float(w.abs().max()) for w in want.values())}
 
+    if case == "mixed":
+        return
     # The first step's update (lr 1) against the one-example-at-a-time reference, noise 0.
     model = shard_model(copy.deepcopy(base))
     train(model, 1, rank, world)
@@ -174,7 +181,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     try:
-        for case in ["tied", "untied", "lora"]:
+        for case in ["tied", "untied", "lora", "mixed"]:
             check_equal(case, rank, world, results)
         check_noise(rank, world, results)
         check_refusals(rank, world, results)
