@@ -16,6 +16,7 @@ _LAZY = {
     "DPTrainer": ("ghostdp.integrations.hf.trainer", "DPTrainer"),
     "DPTrainingArguments": ("ghostdp.integrations.hf.args", "DPTrainingArguments"),
     "accounting": ("ghostdp.accounting", None),
+    "audit": ("ghostdp.audit", None),
     "data": ("ghostdp.data", None),
 }
 

@@ -5,6 +5,7 @@
     ghostdp synthesize --run-dir runs/a --num-samples 1000
     ghostdp evaluate --run-dir runs/a
     ghostdp bench --lora --seq-len 128                  # engine speed/memory vs non-private and Opacus
+    ghostdp audit --num-canaries 256 --target-epsilon 8 # one-run privacy audit (exit 3 if the claim fails)
     ghostdp <command> --help                            # every option, with its meaning and default
 
 Configuration, later wins: the dataclass defaults (``ghostdp.integrations.synthetic.config``), the run folder's
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ghostdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ghostdp {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,synthesize,evaluate,pipeline,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,synthesize,evaluate,pipeline,bench,audit}")
     for command, sections in COMMAND_SECTIONS.items():
         p = sub.add_parser(command, help=COMMAND_HELP[command], description=COMMAND_HELP[command],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
     bench.add_arguments(p)
+    from ghostdp.integrations.audit import command as audit_command
+
+    p = sub.add_parser("audit", help=audit_command.HELP, description=audit_command.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    audit_command.add_arguments(p)
     return parser
 
 
@@ -310,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return bench.run(ns)
+    if ns.command == "audit":  # its own options and exit codes (ghostdp.integrations.audit.command.run)
+        from ghostdp.integrations.audit import command as audit_command
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return audit_command.run(ns)
     _setup_logging(ns)
     if getattr(ns, "seeds", 1) < 1:
         logger.error("--seeds %d: need an int >= 1.", ns.seeds)
