@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ghostdp.kernels._linear_norms_triton import dot_config, mma
 from ghostdp.kernels._noise_triton import philox_normal
-from ghostdp.kernels._tiles import clipped_sum_blocks
+from ghostdp.kernels._tiles import LaunchConfig, clipped_sum_blocks
 from ghostdp.kernels.dispatch import check_kernel_mode
 
 logger = logging.getLogger(__name__)
@@ -126,17 +126,49 @@ def choose_splits(n_tiles: int, B: int, device: torch.device) -> int:
     return max(1, min(B, want, 64))
 
 
+def clipped_sum_launch(T: int, d: int, p: int, dtype: torch.dtype, device_type: str, *,
+                       split: bool, noise: bool, accumulate: bool,
+                       out_dtype: torch.dtype) -> LaunchConfig:
+    """Constexprs and num_warps of :func:`_clipped_sum_kernel` for a (B, T, d), g (B, T, p).
+
+    With ``split`` the kernel only stores fp32 partial tiles (the epilogue runs in
+    :func:`_finish_splits_kernel`), so the epilogue flags are fixed to False there: one compiled
+    variant per tile and dtype instead of one per (noise, accumulate, output dtype) as well.
+    """
+    blocks = clipped_sum_blocks(T, d, p)
+    flags = (dict(HAS_NOISE=False, ACCUMULATE=False, OUT_FP64=False) if split else
+             dict(HAS_NOISE=noise, ACCUMULATE=accumulate, OUT_FP64=out_dtype == torch.float64))
+    return LaunchConfig(dict(BLOCK_P=blocks.rows, BLOCK_D=blocks.cols, BLOCK_T=blocks.inner,
+                             **dot_config(dtype, device_type), SPLIT=split, **flags),
+                        blocks.num_warps)
+
+
+#: Elements per program of the elementwise epilogue kernel.
+FINISH_BLOCK = 1024
+
+
+def finish_splits_launch(*, noise: bool, accumulate: bool, out_dtype: torch.dtype) -> LaunchConfig:
+    """Constexprs and num_warps of :func:`_finish_splits_kernel` (Triton's default 4 warps)."""
+    return LaunchConfig(dict(BLOCK=FINISH_BLOCK, HAS_NOISE=noise, ACCUMULATE=accumulate,
+                             OUT_FP64=out_dtype == torch.float64), 4)
+
+
 def linear_clipped_sum_triton(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, out: torch.Tensor,
                               *, accumulate: bool, scale: float, noise_std: float, seed: int,
                               splits: int | None = None) -> None:
-    """Launcher. a (B, T, d), g (B, T, p) contiguous, one dtype; c (B,) float; out (p, d)
-    contiguous, written (accumulate False) or accumulated into. ``splits`` overrides the split
-    heuristic (tests use it to exercise both paths)."""
+    """Launcher. a (B, T, d), g (B, T, p) contiguous, one dtype; c (B,) float32 or float64; out
+    (p, d) contiguous, written (accumulate False) or accumulated into. ``splits`` overrides the
+    split heuristic (tests use it to exercise both paths).
+
+    ``c`` is passed as float32: the kernel reads c_i in fp32 either way (a float64 c_i is rounded
+    to nearest, as here), and one pointer dtype means one compiled variant fewer.
+    """
     check_kernel_mode(_clipped_sum_kernel, a.device, "linear_clipped_sum")
     B, T, d = a.shape
     p = g.shape[2]
     if p * d == 0:
         return
+    c = c.to(torch.float32)  # (B,)
     blocks = clipped_sum_blocks(T, d, p)
     n_tiles_d = triton.cdiv(d, blocks.cols)
     n_tiles = triton.cdiv(p, blocks.rows) * n_tiles_d
@@ -147,22 +179,22 @@ def linear_clipped_sum_triton(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
     per_split = triton.cdiv(B, n_splits) if B else 0
     logger.debug("linear_clipped_sum: (p, d) = (%d, %d), %d tiles of %s, %d split(s) of %d "
                  "examples", p, d, n_tiles, blocks, n_splits, per_split)
-    flags = dict(HAS_NOISE=noise_std > 0, ACCUMULATE=accumulate,
-                 OUT_FP64=out.dtype == torch.float64)
+    flags = dict(noise=noise_std > 0, accumulate=accumulate, out_dtype=out.dtype)
+    launch = clipped_sum_launch(T, d, p, a.dtype, a.device.type, split=n_splits > 1, **flags)
     seed = int(seed)
     if n_splits == 1:
         _clipped_sum_kernel[(n_tiles, 1)](
             a, g, c, out, out, B, T, d, p, n_tiles_d, per_split,
             float(scale), float(noise_std), seed,
-            BLOCK_P=blocks.rows, BLOCK_D=blocks.cols, BLOCK_T=blocks.inner, SPLIT=False,
-            num_warps=blocks.num_warps, **dot_config(a), **flags)
+            num_warps=launch.num_warps, **launch.constexprs)
         return
     work = torch.empty((n_splits, p, d), dtype=torch.float32, device=a.device)  # partial tiles
+    # out_ptr is unused when SPLIT: pass the workspace, so the variant does not depend on out's dtype.
     _clipped_sum_kernel[(n_tiles, n_splits)](
-        a, g, c, out, work, B, T, d, p, n_tiles_d, per_split,
+        a, g, c, work, work, B, T, d, p, n_tiles_d, per_split,
         float(scale), float(noise_std), seed,
-        BLOCK_P=blocks.rows, BLOCK_D=blocks.cols, BLOCK_T=blocks.inner, SPLIT=True,
-        num_warps=blocks.num_warps, **dot_config(a), **flags)
-    block = 1024
-    _finish_splits_kernel[(triton.cdiv(p * d, block),)](
-        work, out, p * d, n_splits, float(scale), float(noise_std), seed, BLOCK=block, **flags)
+        num_warps=launch.num_warps, **launch.constexprs)
+    finish = finish_splits_launch(**flags)
+    _finish_splits_kernel[(triton.cdiv(p * d, FINISH_BLOCK),)](
+        work, out, p * d, n_splits, float(scale), float(noise_std), seed,
+        num_warps=finish.num_warps, **finish.constexprs)

@@ -17,21 +17,37 @@ import torch
 import triton
 import triton.language as tl
 
-from ghostdp.kernels._tiles import ghost_blocks, instantiated_blocks
+from ghostdp.kernels._tiles import LaunchConfig, ghost_blocks, instantiated_blocks
 from ghostdp.kernels.dispatch import check_kernel_mode
 
 
-def dot_config(x: torch.Tensor) -> dict[str, object]:
-    """``tl.dot`` settings for operands like ``x``: INPUT_PRECISION and UPCAST constexprs.
+def dot_config(dtype: torch.dtype, device_type: str) -> dict[str, object]:
+    """``tl.dot`` settings for operands of ``dtype`` on ``device_type``: INPUT_PRECISION, UPCAST.
 
     fp32 operands use full fp32 products ("ieee"), as the twin's fp32 matmul; tf32 would round
     them to 10 mantissa bits. fp16/bf16 products are exact in fp32 accumulation on the GPU.
     Triton's interpreter multiplies bf16 operands as their raw uint16 bits, so there (and only
-    there) bf16 tiles are widened to fp32 before the dot: the same exact products, no tensor cores.
+    there, ``device_type == "cpu"``) bf16 tiles are widened to fp32 before the dot: the same exact
+    products, no tensor cores.
     """
-    upcast = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"
+    upcast = device_type == "cpu" and dtype == torch.bfloat16
+    precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     return {"INPUT_PRECISION": precision, "UPCAST": upcast}
+
+
+def instantiated_launch(T: int, d: int, p: int, dtype: torch.dtype,
+                        device_type: str) -> LaunchConfig:
+    """Constexprs and num_warps of :func:`_instantiated_norm2_kernel` for a (B, T, d), g (B, T, p)."""
+    blocks = instantiated_blocks(T, d, p)
+    return LaunchConfig(dict(BLOCK_P=blocks.rows, BLOCK_D=blocks.cols, BLOCK_T=blocks.inner,
+                             **dot_config(dtype, device_type)), blocks.num_warps)
+
+
+def ghost_launch(T: int, d: int, p: int, dtype: torch.dtype, device_type: str) -> LaunchConfig:
+    """Constexprs and num_warps of :func:`_ghost_norm2_kernel` for a (B, T, d), g (B, T, p)."""
+    blocks = ghost_blocks(T, d, p)
+    return LaunchConfig(dict(BLOCK_T=blocks.rows, BLOCK_K=blocks.inner,
+                             **dot_config(dtype, device_type)), blocks.num_warps)
 
 
 @triton.jit
@@ -133,14 +149,13 @@ def instantiated_norm2_triton(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     p = g.shape[2]
     if B * T * d * p == 0:  # empty batch, sequence or layer: nothing to launch
         return torch.zeros(B, dtype=torch.float32, device=a.device)
-    blocks = instantiated_blocks(T, d, p)
-    n_tiles_d = triton.cdiv(d, blocks.cols)
-    n_tiles = triton.cdiv(p, blocks.rows) * n_tiles_d
+    launch = instantiated_launch(T, d, p, a.dtype, a.device.type)
+    n_tiles_d = triton.cdiv(d, launch.constexprs["BLOCK_D"])
+    n_tiles = triton.cdiv(p, launch.constexprs["BLOCK_P"]) * n_tiles_d
     partial = torch.empty((B, n_tiles), dtype=torch.float32, device=a.device)  # (B, tiles)
     _instantiated_norm2_kernel[(n_tiles, B)](
         a, g, partial, T, d, p, n_tiles_d, n_tiles,
-        BLOCK_P=blocks.rows, BLOCK_D=blocks.cols, BLOCK_T=blocks.inner,
-        num_warps=blocks.num_warps, **dot_config(a))
+        num_warps=launch.num_warps, **launch.constexprs)
     return partial.sum(dim=1)
 
 
@@ -161,12 +176,11 @@ def ghost_norm2_triton(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     p = g.shape[2]
     if B * T * d * p == 0:  # empty batch, sequence or layer: nothing to launch
         return torch.zeros(B, dtype=torch.float32, device=a.device)
-    blocks = ghost_blocks(T, d, p)
-    pairs = tile_pairs(triton.cdiv(T, blocks.rows), a.device)  # (n_pairs, 2)
+    launch = ghost_launch(T, d, p, a.dtype, a.device.type)
+    pairs = tile_pairs(triton.cdiv(T, launch.constexprs["BLOCK_T"]), a.device)  # (n_pairs, 2)
     n_pairs = pairs.shape[0]
     partial = torch.empty((B, n_pairs), dtype=torch.float32, device=a.device)  # (B, pairs)
     _ghost_norm2_kernel[(n_pairs, B)](
         a, g, pairs, partial, T, d, p, n_pairs,
-        BLOCK_T=blocks.rows, BLOCK_K=blocks.inner,
-        num_warps=blocks.num_warps, **dot_config(a))
+        num_warps=launch.num_warps, **launch.constexprs)
     return partial.sum(dim=1)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostdp.kernels._tiles import LaunchConfig
 from ghostdp.kernels.dispatch import check_kernel_mode
 
 # Module-level constants a @triton.jit function reads must be ``tl.constexpr`` *objects*: the
@@ -65,14 +66,23 @@ def _add_noise_kernel(x_ptr, n, scale, noise_std, seed,
     tl.store(x_ptr + offs, y.to(x_ptr.dtype.element_ty), mask=mask)
 
 
+#: Elements per program of :func:`_add_noise_kernel`.
+NOISE_BLOCK = 1024
+
+
+def add_noise_launch(dtype: torch.dtype, *, noise: bool) -> LaunchConfig:
+    """Constexprs and num_warps of :func:`_add_noise_kernel` for an ``x`` of ``dtype``."""
+    return LaunchConfig(dict(HAS_NOISE=noise, COMPUTE_FP64=dtype == torch.float64,
+                             BLOCK=NOISE_BLOCK), 4)
+
+
 def add_noise_triton_(x: torch.Tensor, *, noise_std: float, seed: int, scale: float) -> None:
     """Launcher: ``x`` is a validated, contiguous tensor; noise keyed by the flat element index."""
     check_kernel_mode(_add_noise_kernel, x.device, "add_noise_")
     n = x.numel()
     if n == 0:
         return
-    block = 1024
-    grid = (triton.cdiv(n, block),)
+    launch = add_noise_launch(x.dtype, noise=noise_std > 0)
+    grid = (triton.cdiv(n, NOISE_BLOCK),)
     _add_noise_kernel[grid](x, n, float(scale), float(noise_std), int(seed),
-                            HAS_NOISE=noise_std > 0, COMPUTE_FP64=x.dtype == torch.float64,
-                            BLOCK=block)
+                            num_warps=launch.num_warps, **launch.constexprs)

@@ -55,3 +55,21 @@ def clipped_sum_blocks(T: int, d: int, p: int) -> Blocks:
     """
     rows, cols = pow2_block(p, 128), pow2_block(d, 64)
     return Blocks(rows, cols, pow2_block(T, 32), 8 if rows * cols >= 128 * 64 else 4)
+
+
+#: Problem sizes that reach every tile the functions above can choose: each depends on a size n
+#: only through ``pow2_block(n, cap)``, i.e. through the smallest power of two >= n, and every cap
+#: is <= 2**16, so sweeping the powers of two up to 2**16 visits every (rows, cols, inner) they can
+#: return. The ahead-of-time compile matrix (:mod:`ghostdp.kernels.aot`) enumerates with it.
+SIZE_CLASSES: tuple[int, ...] = tuple(1 << k for k in range(17))
+
+
+class LaunchConfig(NamedTuple):
+    """What a launcher hands Triton besides the tensors: the constexpr arguments and num_warps.
+
+    Each launcher builds it with one function of the problem (sizes, dtypes, flags), so the
+    ahead-of-time compile test can call the same function over every input it can see.
+    """
+
+    constexprs: dict[str, object]
+    num_warps: int
