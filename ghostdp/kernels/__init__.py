@@ -10,11 +10,20 @@ Public functions (all take ``impl="auto" | "triton" | "torch"``, see :mod:`.disp
   derives per-(step, parameter) seeds.
 - :func:`norm_cost`: flops and scratch bytes of each norm method, for the engine's choice.
 
+If a kernel fails to compile or launch, ``impl="auto"`` warns once (:class:`KernelFallbackWarning`)
+and runs the twin; ``impl="triton"`` raises. :mod:`.aot` compiles every kernel variant for GPU
+targets without a GPU (the test suite runs it).
+
 Importing this package does not import Triton; the kernels are defined on first use.
 """
 
 from ghostdp.kernels.clipped_sum import bias_clipped_sum, linear_clipped_sum
-from ghostdp.kernels.dispatch import interpreter_enabled, resolve_impl, triton_available
+from ghostdp.kernels.dispatch import (
+    KernelFallbackWarning,
+    interpreter_enabled,
+    resolve_impl,
+    triton_available,
+)
 from ghostdp.kernels.linear_norms import (
     NormCost,
     bias_norm2,
@@ -25,6 +34,7 @@ from ghostdp.kernels.linear_norms import (
 from ghostdp.kernels.noise import add_noise_, noise_seed
 
 __all__ = [
+    "KernelFallbackWarning",
     "NormCost",
     "add_noise_",
     "bias_clipped_sum",

@@ -24,6 +24,7 @@ from ghostdp.kernels.dispatch import (
     TWIN_DTYPES,
     accumulation_dtype,
     resolve_impl,
+    run_kernel,
 )
 from ghostdp.kernels.linear_norms import TWIN_BLOCK_BYTES, as_linear_inputs
 from ghostdp.kernels.noise import add_noise_, check_noise_args, randn_twin
@@ -133,22 +134,30 @@ def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *,
     _check_clip_factors(c, B, a.device, op)
     _check_out(out, (p, d), a.device, op)
     seed = check_noise_args(noise_std, scale, seed, op)
-    if resolve_impl(impl, a, g, op=op) == "torch":
-        return linear_clipped_sum_torch(a, g, c, out, accumulate=accumulate and out is not None,
-                                        scale=scale, noise_std=noise_std, seed=seed)
-    from ghostdp.kernels._clipped_sum_triton import linear_clipped_sum_triton
+    accumulate = accumulate and out is not None
 
-    if out is None:
-        target = torch.empty((p, d), dtype=accumulation_dtype(a.dtype), device=a.device)
-        accumulate = False
-    else:
-        target = out if out.is_contiguous() else out.contiguous()
-    linear_clipped_sum_triton(a.contiguous(), g.contiguous(), c.contiguous(), target,
-                              accumulate=accumulate, scale=scale, noise_std=noise_std,
-                              seed=seed if seed is not None else 0)
-    if out is not None and target is not out:
-        out.copy_(target)
-    return target if out is None else out
+    def twin() -> torch.Tensor:
+        return linear_clipped_sum_torch(a, g, c, out, accumulate=accumulate, scale=scale,
+                                        noise_std=noise_std, seed=seed)
+
+    if resolve_impl(impl, a, g, op=op) == "torch":
+        return twin()
+
+    def kernel() -> torch.Tensor:
+        from ghostdp.kernels._clipped_sum_triton import linear_clipped_sum_triton
+
+        if out is None:
+            target = torch.empty((p, d), dtype=accumulation_dtype(a.dtype), device=a.device)
+        else:
+            target = out if out.is_contiguous() else out.contiguous()  # (p, d)
+        linear_clipped_sum_triton(a.contiguous(), g.contiguous(), c.contiguous(), target,
+                                  accumulate=accumulate, scale=scale, noise_std=noise_std,
+                                  seed=seed if seed is not None else 0)
+        if out is not None and target is not out:
+            out.copy_(target)
+        return target if out is None else out
+
+    return run_kernel(op, impl, kernel, twin)
 
 
 def bias_clipped_sum(g: torch.Tensor, c: torch.Tensor, *, out: torch.Tensor | None = None,

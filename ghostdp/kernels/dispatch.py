@@ -10,6 +10,9 @@ Every public kernel function takes ``impl``:
 - ``"auto"``: the kernel when every tensor is on CUDA, Triton is importable, the interpreter is
   off and the dtype is one the kernel supports (fp16, bf16, fp32); the twin otherwise (CPU
   tensors, float64 reference runs, no Triton). Both compute the same quantity in at least fp32.
+  If the kernel then fails to compile or launch (a Triton or driver version, a GPU, a shape the
+  kernel was never built for), :func:`run_kernel` warns once (:class:`KernelFallbackWarning`,
+  naming the function and the error) and runs the twin, for that call and the rest of the process.
 
 Triton is imported lazily: ``import ghostdp.kernels`` works where Triton is not installed, and the
 ``@triton.jit`` kernels are only defined (so only then see ``TRITON_INTERPRET``) on first use.
@@ -21,11 +24,14 @@ import functools
 import importlib
 import logging
 import os
-from typing import Literal
+import warnings
+from typing import Callable, Literal, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 Impl = Literal["auto", "triton", "torch"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -104,6 +110,56 @@ def resolve_impl(impl: str, *tensors: torch.Tensor, op: str,
         raise ValueError(f"{op}: tensors are on different devices {sorted(map(str, devices))}; "
                          "move them to one device.")
     return "triton"
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A Triton kernel failed to compile or launch, and ``impl="auto"`` ran its PyTorch twin."""
+
+
+#: Functions whose kernel failed under impl="auto" in this process -> the error. They run their twin
+#: from then on: a compile that failed once fails again, and costs seconds each time.
+_failed_kernels: dict[str, str] = {}
+
+
+def run_kernel(op: str, impl: str, kernel: Callable[[], R], twin: Callable[[], R]) -> R:
+    """Run ``kernel()`` (import, compile and launch a Triton kernel); on failure, the twin or raise.
+
+    Call it once :func:`resolve_impl` has chosen ``"triton"``; ``impl`` is what the caller asked
+    for. If ``kernel()`` raises (a compile error, "out of resource: shared memory", a missing
+    Triton feature):
+
+    - ``impl="auto"``: warn once per ``op`` with :class:`KernelFallbackWarning` (the function and
+      the error), then return ``twin()``, now and for the rest of the process. The twin is the
+      reference the kernel is tested against, so the result is the same quantity; noise keeps its
+      distribution (torch.randn instead of in-kernel Philox) and its seed.
+    - ``impl="triton"``: raise RuntimeError naming the function, chained to the error.
+
+    Safe for in-place kernels: Triton raises compile and load errors before the launch that would
+    write, so the twin starts from untouched outputs. CUDA out-of-memory is re-raised as it is (the
+    twin needs more memory, not less), and so is any error of the twin itself.
+    """
+    if impl == "auto" and op in _failed_kernels:
+        return twin()
+    try:
+        return kernel()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        if impl != "auto":
+            raise RuntimeError(
+                f"{op}(impl='triton'): the Triton kernel failed to compile or launch ({error}). "
+                "Pass impl='auto' to run the PyTorch twin instead (same result, slower) or "
+                "impl='torch'; please report the error with your GPU and torch/triton versions."
+            ) from e
+        _failed_kernels[op] = error
+        warnings.warn(
+            f"{op}: the Triton kernel failed to compile or launch ({error}). impl='auto' runs the "
+            "PyTorch twin instead, for the rest of this process: the same quantity (the twin is "
+            "the kernel's reference), only slower. Pass impl='triton' to make this an error; "
+            "please report it with your GPU and torch/triton versions.",
+            KernelFallbackWarning, stacklevel=3)
+        return twin()
 
 
 def check_kernel_mode(kernel: object, device: torch.device, op: str) -> None:

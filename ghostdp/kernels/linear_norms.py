@@ -31,6 +31,7 @@ from ghostdp.kernels.dispatch import (
     check_same_device,
     common_float_dtype,
     resolve_impl,
+    run_kernel,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,9 +138,13 @@ def linear_norm2_instantiated(a: torch.Tensor, g: torch.Tensor, *, impl: str = "
     a, g = as_linear_inputs(a, g, op)
     if resolve_impl(impl, a, g, op=op) == "torch":
         return linear_norm2_instantiated_torch(a, g)
-    from ghostdp.kernels._linear_norms_triton import instantiated_norm2_triton
 
-    return instantiated_norm2_triton(a.contiguous(), g.contiguous())
+    def kernel() -> torch.Tensor:
+        from ghostdp.kernels._linear_norms_triton import instantiated_norm2_triton
+
+        return instantiated_norm2_triton(a.contiguous(), g.contiguous())
+
+    return run_kernel(op, impl, kernel, lambda: linear_norm2_instantiated_torch(a, g))
 
 
 def linear_norm2_ghost(a: torch.Tensor, g: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
@@ -156,9 +161,13 @@ def linear_norm2_ghost(a: torch.Tensor, g: torch.Tensor, *, impl: str = "auto") 
     a, g = as_linear_inputs(a, g, op)
     if resolve_impl(impl, a, g, op=op) == "torch":
         return linear_norm2_ghost_torch(a, g)
-    from ghostdp.kernels._linear_norms_triton import ghost_norm2_triton
 
-    return ghost_norm2_triton(a.contiguous(), g.contiguous())
+    def kernel() -> torch.Tensor:
+        from ghostdp.kernels._linear_norms_triton import ghost_norm2_triton
+
+        return ghost_norm2_triton(a.contiguous(), g.contiguous())
+
+    return run_kernel(op, impl, kernel, lambda: linear_norm2_ghost_torch(a, g))
 
 
 def bias_norm2(g: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import secrets
 
 import torch
 
-from ghostdp.kernels.dispatch import TWIN_DTYPES, resolve_impl
+from ghostdp.kernels.dispatch import TWIN_DTYPES, resolve_impl, run_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +130,17 @@ def add_noise_(grad: torch.Tensor, *, noise_std: float, seed: int | None, scale:
     which = resolve_impl(impl, grad, op=op, kernel_dtypes=TWIN_DTYPES)
     if which == "torch":
         return add_noise_torch_(grad, noise_std=noise_std, seed=seed, scale=scale)
-    from ghostdp.kernels._noise_triton import add_noise_triton_
 
-    work = grad if grad.is_contiguous() else grad.contiguous()
-    add_noise_triton_(work, noise_std=noise_std, seed=seed if seed is not None else 0,
-                      scale=scale)
-    if work is not grad:
-        grad.copy_(work)
-    return grad
+    def kernel() -> torch.Tensor:
+        from ghostdp.kernels._noise_triton import add_noise_triton_
+
+        work = grad if grad.is_contiguous() else grad.contiguous()
+        add_noise_triton_(work, noise_std=noise_std, seed=seed if seed is not None else 0,
+                          scale=scale)
+        if work is not grad:
+            grad.copy_(work)
+        return grad
+
+    return run_kernel(op, impl, kernel,
+                      lambda: add_noise_torch_(grad, noise_std=noise_std, seed=seed, scale=scale))
 
