@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -158,13 +159,21 @@ def resolve_config(ns: argparse.Namespace) -> tuple[RunConfig, Path]:
     layers: list[dict[str, Any]] = []
     file_layer = load_toml(ns.config) if ns.config else {}
     run_dir = ns.run_dir or file_layer.get("run_dir")
+    folder_layer: dict[str, Any] = {}
     if run_dir is not None and (Path(run_dir) / "config.toml").is_file():
-        layers.append(load_toml(Path(run_dir) / "config.toml"))
+        folder_layer = load_toml(Path(run_dir) / "config.toml")  # written only by stages that succeeded
+        layers.append(folder_layer)
     preset = ns.preset or file_layer.get("preset")
     if preset is not None:
         layers.append(preset_layer(preset))
     layers += [file_layer, _flag_layer(ns)]
     merged = merge_overrides(*layers)
+    seed_now = merge_overrides(*layers[1 if folder_layer else 0:]).get("train", {}).get("dp_seed")
+    seed_folder = folder_layer.get("train", {}).get("dp_seed")
+    if seed_now is None and seed_folder not in (None, "none"):
+        logger.warning("train.dp_seed=%s comes from %s (this command does not set it): the run folder's generator "
+                       "was trained with a known seed, so it is NOT private; the DP baseline reuses the seed too.",
+                       seed_folder, Path(run_dir) / "config.toml")
     if run_dir is not None:
         merged["run_dir"] = run_dir
     if ns.command in ("synthesize", "evaluate"):
@@ -193,6 +202,10 @@ def _check_data_paths(config: RunConfig, command: str) -> None:
         if role == "eval_data" and command == "train":
             continue
         spec = getattr(data, role)
+        if spec is None:
+            from ghostdp.integrations.synthetic.run_folder import load_eval_data
+
+            load_eval_data(data)  # raises the ConfigError that says to name the held-out data
         if spec.startswith("sst2:"):
             folder = Path(data.sst2_dir) if data.sst2_dir else default_sst2_dir()
             path = folder / f"{spec.split(':', 1)[1]}.tsv"
@@ -200,7 +213,11 @@ def _check_data_paths(config: RunConfig, command: str) -> None:
                 raise ConfigError(f"data.{role}={spec!r}: {path} not found; set data.sst2_dir to the folder with the "
                                   "SST-2 TSV files.")
         elif not Path(spec).exists() and (Path(spec).suffix or "/" in spec):
-            raise ConfigError(f"data.{role}={spec!r}: no such file.")
+            raise ConfigError(f"data.{role}={spec!r}: no such file. Check the path (relative paths start from "
+                              f"{Path.cwd()}).")
+        elif Path(spec).is_dir():
+            raise ConfigError(f"data.{role}={spec!r} is a folder, not a file: name the .csv, .tsv, .jsonl or .parquet "
+                              "file in it.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,10 +245,36 @@ def _setup_logging(ns: argparse.Namespace) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
 
 
+class _RunLog(logging.handlers.MemoryHandler):
+    """``<run-dir>/ghostdp.log``. Records are held back until a stage has passed its checks (it logs a record
+    with ``extra={"ghostdp_commit": True}``), then written as they come; a refused command leaves the run
+    folder exactly as it was, log included. A failure writes what was held back."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+        self.run_dir = run_dir
+        self.committed = False
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        self.committed = self.committed or bool(getattr(record, "ghostdp_commit", False))
+        return self.committed or super().shouldFlush(record)
+
+    def flush(self) -> None:
+        if self.buffer and self.target is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            target = logging.FileHandler(self.run_dir / "ghostdp.log", encoding="utf-8")
+            target.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self.setTarget(target)
+        super().flush()
+
+    def close(self) -> None:
+        super().close()  # flushes
+        if self.target is not None:
+            self.target.close()
+
+
 def _log_to_file(run_dir: Path) -> logging.Handler:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "ghostdp.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = _RunLog(run_dir)
     handler._ghostdp = True  # type: ignore[attr-defined]
     logging.getLogger().addHandler(handler)
     return handler
@@ -259,15 +302,14 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
 
     show = not ns.no_progress
     if ns.command == "train":
-        pipeline.write_config(config, run_dir)
         gen = pipeline.train(config, run_dir, show_progress=show)
         p = gen.info["privacy"]
         print(f"Generator: {run_dir / pipeline.MODEL_DIR}\n"
+              f"{_not_private(p.get('dp_seed'))}"
               f"(epsilon={p['epsilon_total']:.4g}, delta={p['delta']:.3g})-DP ({p['epsilon_train']:.4g} DP-SGD over "
               f"{p['steps']} steps, noise multiplier {p['noise_multiplier']:.4g}; "
               f"{p['epsilon_labels']:.4g} label proportions)")
     elif ns.command == "synthesize":
-        pipeline.write_config(config, run_dir)
         result = pipeline.synthesize_step(config, run_dir, show_progress=show, max_batches=ns.max_batches)
         state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
         print(f"Synthetic data: {result.jsonl} ({sum(result.counts.values())} samples {result.counts}; {state})")
@@ -284,9 +326,20 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
         _print_headline(result.headline, result.report_md, timings)
 
 
+def _not_private(dp_seed: Any) -> str:
+    if dp_seed is None:
+        return ""
+    return (f"NOT PRIVATE: trained with the known dp_seed={dp_seed} (the noise can be reproduced and removed; the "
+            "figures below hold only for a secret seed)\n")
+
+
 def _print_headline(h: dict[str, Any], report: Path, timings: dict[str, float] | None = None) -> None:
+    incomplete = ("" if h.get("synthetic_complete", True) else
+                  f" (INCOMPLETE: {h['n_synthetic']} of {h.get('n_target')}; re-run synthesize to finish)")
+    first = (f"{_not_private(h.get('dp_seed'))}(epsilon={_fmt(h['epsilon'])}, delta={_fmt(h['delta'])})-DP "
+             f"synthetic data, {h['n_synthetic']} samples{incomplete}")
     lines = [
-        f"(epsilon={_fmt(h['epsilon'])}, delta={_fmt(h['delta'])})-DP synthetic data, {h['n_synthetic']} samples",
+        first,
         f"accuracy on real held-out data: synthetic {_fmt(h['accuracy_synthetic'])} | DP on real "
         f"{_fmt(h['accuracy_dp_on_real'])} | real, non-private ceiling {_fmt(h['accuracy_real_ceiling'])} | "
         f"prior floor {_fmt(h['accuracy_prior_floor'])}",
@@ -349,10 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(ns, config, run_dir)
     except ConfigError as exc:
         logger.error("%s", exc)
+        file_handler.buffer.clear()  # a refusal leaves the run folder as it was: no log entry either
         return EXIT_USAGE
     except KeyboardInterrupt:
-        logger.error("Interrupted. Re-run the same command with --run-dir %s to continue (a trained generator is "
-                     "reused, synthesis resumes where it stopped).", run_dir)
+        from ghostdp.integrations.synthetic.pipeline import interruption_message
+
+        logger.error("Interrupted. %s", interruption_message(ns.command, run_dir))
         return EXIT_INTERRUPTED
     except Exception as exc:  # a failure while running: say what, keep the traceback in the log file
         logger.error("ghostdp %s failed: %s: %s (traceback in %s)", ns.command, type(exc).__name__, exc,

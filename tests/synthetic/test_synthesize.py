@@ -227,14 +227,16 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, tiny
 def test_resume_with_other_sampling_parameters_or_weights_is_refused(tmp_path, tiny_model, tokenizer, collator):
     _run(tiny_model, tokenizer, collator, tmp_path, max_batches=1)
     cfg = SynthesizeConfig(num_samples=14, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.0)
-    with pytest.raises(ResumeMismatchError, match="different generator or different sampling"):
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    with pytest.raises(ResumeMismatchError, match=r"synthesize\.temperature: 1\.5 \(on disk\) -> 1\.0\."):
         synthesize(tiny_model, tokenizer, collator, LABELS, cfg, tmp_path, targets={"negative": 6, "positive": 8},
                    model_info=MODEL_INFO, show_progress=False)
-    with pytest.raises(ResumeMismatchError, match="different generator"):
+    with pytest.raises(ResumeMismatchError, match=r"generator: test-model \(on disk\) -> other \(another training run\)\."):
         synthesize(tiny_model, tokenizer, collator, LABELS,
                    SynthesizeConfig(num_samples=14, gen_batch_size=4, max_new_tokens=6, sample_seed=7, temperature=1.5),
                    tmp_path, targets={"negative": 6, "positive": 8}, model_info={**MODEL_INFO, "model_id": "other"},
                    show_progress=False)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # a refusal writes nothing
 
 
 def test_generation_leaves_the_global_rng_alone(tmp_path, tiny_model, tokenizer, collator):

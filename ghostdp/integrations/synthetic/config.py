@@ -115,8 +115,10 @@ class DataConfig:
 
     train_data: str = field(default="sst2:train", metadata=_help(
         "The PRIVATE labelled texts the generator is trained on: 'sst2:train' or a .csv/.tsv/.jsonl/.parquet path."))
-    eval_data: str = field(default="sst2:dev", metadata=_help(
-        "REAL held-out labelled texts for evaluation only (never trained on): 'sst2:dev', 'sst2:test' or a path."))
+    eval_data: str | None = field(default=None, metadata=_help(
+        "REAL held-out labelled texts for evaluation only (never trained on): 'sst2:dev', 'sst2:test' or a path. "
+        "none: 'sst2:dev' when train_data is SST-2; with other training data it must be named (evaluating on "
+        "another task's data would give meaningless figures)."))
     text_column: str = field(default="text", metadata=_help("Text column of file data (SST-2: fixed)."))
     label_column: str = field(default="label", metadata=_help("Label column of file data (SST-2: fixed)."))
     label_names: tuple[tuple[str, str], ...] | None = field(default=None, metadata=_help(
@@ -133,8 +135,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         owner = "data"
+        if self.eval_data is None and isinstance(self.train_data, str) and self.train_data.startswith("sst2:"):
+            object.__setattr__(self, "eval_data", "sst2:dev")
         for name in ("train_data", "eval_data", "text_column", "label_column"):
             value = getattr(self, name)
+            if name == "eval_data" and value is None:
+                continue
             _check(isinstance(value, str) and value.strip() != "",
                    f"{owner}.{name}={value!r}: need a non-empty string.")
         _check(self.train_data != self.eval_data,
@@ -193,6 +199,11 @@ class TrainConfig:
         "A known seed voids the guarantee: tests only."))
     bf16: bool = field(default=False, metadata=_help("bfloat16 autocast (GPU); norms and noise stay fp32."))
     use_cpu: bool = field(default=False, metadata=_help("Train on the CPU even when a GPU is visible."))
+    checkpoint_steps: int = field(default=50, metadata=_help(
+        "Write a training checkpoint (model or adapters, optimizer, Poisson sampler, noise RNG, privacy ledger) to "
+        "<run-dir>/private/trainer every this many DP steps; an interrupted `train` resumes from the last one."))
+    checkpoint_minutes: float = field(default=10.0, metadata=_help(
+        "Also write a checkpoint when this many minutes have passed since the last one."))
 
     def __post_init__(self) -> None:
         owner = "train"
@@ -230,6 +241,8 @@ class TrainConfig:
         _choice(owner, "clipping", self.clipping, ("auto", "ghost", "per_sample"))
         _positive_int(owner, "seed", self.seed, minimum=0)
         _positive_int(owner, "dp_seed", self.dp_seed, allow_none=True, minimum=0)
+        _positive_int(owner, "checkpoint_steps", self.checkpoint_steps)
+        _number(owner, "checkpoint_minutes", self.checkpoint_minutes, low=0)
         for name in ("bf16", "use_cpu"):
             _check(isinstance(getattr(self, name), bool), f"train.{name}={getattr(self, name)!r}: need true or false.")
 

@@ -379,21 +379,30 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
     from ghostdp.integrations.synthetic.report import write_run_report
     from ghostdp.integrations.synthetic.run_folder import (
-        data_fingerprint,
+        check_fingerprint,
         load_eval_data,
         load_private_data,
     )
-    from ghostdp.integrations.synthetic.synthesize import META, read_synthetic
+    from ghostdp.integrations.synthetic.synthesize import (
+        META,
+        read_synthetic,
+        repair_csv,
+    )
 
     started = time.time()
     jsonl = paths.synthetic / "synthetic.jsonl"
     rows = read_synthetic(jsonl)
     if not rows:
         raise ConfigError(f"{jsonl} holds no samples: run `ghostdp synthesize` with this --run-dir first.")
-    syn_meta = json.loads((paths.synthetic / META).read_text(encoding="utf-8"))
+    try:
+        syn_meta = json.loads((paths.synthetic / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{paths.synthetic / META} cannot be read ({exc}): run `ghostdp synthesize` with this "
+                          "--run-dir again to rewrite it.") from exc
     if syn_meta.get("model", {}).get("model_id") != gen.info["run_id"]:
         raise ConfigError(f"{paths.synthetic} was sampled from another generator than {paths.model}; delete it and "
                           "re-run synthesize.")
+    repair_csv(paths.synthetic)
     if not syn_meta.get("complete"):
         logger.warning("%s is incomplete (%s of targets %s); evaluating what is there. Re-run synthesize to finish it.",
                        paths.synthetic, syn_meta.get("counts"), syn_meta.get("targets"))
@@ -401,14 +410,16 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     synthetic = synthetic_texts_from_rows(rows, names, str(jsonl))
 
     # Evaluation baselines read the private data (labelled as such in the report).
-    private = load_private_data(config.data)
-    if data_fingerprint(private, paths) != gen.info["data"]["fingerprint"]:
-        raise ConfigError(
-            "The private data configured now is not the data the generator was trained on (fingerprint mismatch): "
-            "the baselines and the memorisation check would compare against other texts. Use the [data] settings "
-            f"of {paths.root / 'config.toml'}."
-        )
     heldout = load_eval_data(config.data, names)
+    private = load_private_data(config.data)
+    check_fingerprint(private, paths, gen.info["data"]["fingerprint"], f"the [data] settings of {paths.config}")
+    logger.info("Evaluating %s (%d samples) on %s", paths.synthetic, len(synthetic), heldout.source,
+                extra={"ghostdp_commit": True})
+    training = {"log": [], "seconds": None}  # private diagnostics of training (private/training.json)
+    if paths.training_record.is_file():
+        training = json.loads(paths.training_record.read_text(encoding="utf-8"))
+    elif "log" in gen.info.get("training", {}):  # a model folder written before the record moved to private/
+        training = gen.info["training"]
     private = LabelledTexts(private.texts, private.labels, names, source=private.source)
 
     floor = _floor_samples(config, paths, gen, syn_meta["counts"], show_progress)
@@ -441,13 +452,13 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         "perplexity": ppl,
         "lengths": res["lengths"],
         "memorization": mem.summary,
-        "training_seconds": gen.info["training"]["seconds"],
+        "training_seconds": training.get("seconds"),
         "evaluation_seconds": round(time.time() - started, 1),
     }
     title = (f"ghostdp DP synthetic text: {Path(config.data.train_data).name} -> {gen.info['base_model']} "
              f"({gen.info['method']})")
     report = write_run_report(
-        paths.root, title=title, metrics=metrics, training_log=gen.info["training"]["log"],
+        paths.root, title=title, metrics=metrics, training_log=training.get("log", []),
         accuracies=res["accuracies"], real_texts=heldout.texts, synthetic_texts=synthetic.texts,
         mauve=res["mauve"]["synthetic"], mauve_curve=(res["mauve_curve"].curve_x, res["mauve_curve"].curve_y),
     )
@@ -457,6 +468,13 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     head, _, rest = text.partition("\n\n")
     note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"],
                                 eps_train=privacy["epsilon_train"], eps_labels=privacy["epsilon_labels"])
+    if privacy.get("dp_seed") is not None:
+        note = (f"> **NOT PRIVATE: trained with the known dp_seed={privacy['dp_seed']}**, so the noise can be "
+                "reproduced and removed; the epsilon below holds only if the seed is secret (tests only).\n>\n"
+                + note)
+    if not syn_meta.get("complete"):
+        note += (f"\n> **INCOMPLETE synthetic set**: {len(synthetic)} of {sum(syn_meta.get('targets', {}).values())} "
+                 "samples (interrupted, or labels fell short); re-run synthesize to finish it.\n")
     from ghostdp.integrations.synthetic.label_scoring import filter_section
 
     report.report_md.write_text(head + "\n\n" + note + "\n" + rest.rstrip("\n") + "\n\n"
@@ -475,6 +493,9 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         "mauve": res["mauve"]["synthetic"],
         "perplexity": ppl.get("finetuned", {}).get("perplexity"),
         "n_synthetic": len(synthetic),
+        "n_target": sum(syn_meta.get("targets", {}).values()),
+        "synthetic_complete": bool(syn_meta.get("complete")),
+        "dp_seed": privacy.get("dp_seed"),
     }
     logger.info("Evaluation written to %s: %s", report.report_md, headline)
     return EvaluationResult(run_dir=paths.root, report_md=report.report_md, metrics_json=report.metrics_json,

@@ -2,11 +2,17 @@
 
 One run lives in one folder (``run_dir``)::
 
-    config.toml          the resolved configuration (re-run with --config run_dir/config.toml)
-    model/               RELEASABLE (DP): LoRA adapter or full model, tokenizer, ghostdp_model.json
+    config.toml          the settings of the stages that SUCCEEDED (written on success only, so a failed or
+                         refused command never becomes the base of the next one)
+    .ghostdp.lock        held (flock) by the stage writing the folder: a second process is refused
+    model/               RELEASABLE (DP): LoRA adapter or full model, tokenizer, ghostdp_model.json; only
+                         functions of the DP model and public inputs (tests/synthetic/test_run_folder.py
+                         checks every file and key against an allow-list)
     synthetic/           RELEASABLE (DP): synthetic.jsonl / .csv, synthetic_meta.json
     floor/               samples from the un-finetuned model (no private data involved)
-    private/             NOT releasable: the Trainer's working folder, the key of the data fingerprint
+    private/             NOT releasable: training checkpoints while training (trainer/, with the settings
+                         of the attempt in train_attempt.json), training.json (per-step losses on private
+                         batches, N, time), the key of the data fingerprint
     report.md, metrics.json, *.png
                          evaluation; NOT releasable as is: it holds non-private baselines trained on the
                          private data and quotes private texts (memorisation worst cases)
@@ -29,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -38,16 +45,12 @@ import numpy as np
 import torch
 
 from ghostdp.engine import planning
-from ghostdp.integrations.synthetic.config import ConfigError, RunConfig, TrainConfig, run_config_to_toml
-from ghostdp.integrations.synthetic.synthesize import (
-    GENERATOR_META,
-    LoadedGenerator,
-    SynthesisResult,
-    label_targets,
-    load_generator,
-    make_collator,
-    release_label_counts,
-    synthesize,
+from ghostdp.integrations.synthetic.config import (
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    build_run_config,
+    run_config_to_toml,
 )
 from ghostdp.integrations.synthetic.run_folder import (
     MODEL_DIR,
@@ -55,6 +58,19 @@ from ghostdp.integrations.synthetic.run_folder import (
     data_fingerprint,
     load_eval_data,
     load_private_data,
+    lock_run_folder,
+    write_text_atomic,
+)
+from ghostdp.integrations.synthetic.synthesize import (
+    GENERATOR_META,
+    LoadedGenerator,
+    ResumeMismatchError,
+    SynthesisResult,
+    label_targets,
+    load_generator,
+    make_collator,
+    release_label_counts,
+    synthesize,
 )
 
 __all__ = [
@@ -71,6 +87,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: ``extra=`` of the log record a stage writes once its checks passed (the CLI's run log starts writing there).
+COMMIT = {"ghostdp_commit": True}
+
 _FORMAT = 1
 
 
@@ -79,11 +98,42 @@ _FORMAT = 1
 # ----------------------------------------------------------------------------------------------------
 
 
+#: TrainConfig fields that do not decide the trained generator (how often to checkpoint).
+_NOT_IDENTITY = ("checkpoint_steps", "checkpoint_minutes")
+
+
 def _train_identity(config: RunConfig) -> dict[str, Any]:
     """The settings that decide the trained generator (a run folder's model is reused only if they match)."""
     d = dataclasses.asdict(config.data)
     d.pop("eval_data"), d.pop("eval_rows")
-    return json.loads(json.dumps({"data": d, "train": dataclasses.asdict(config.train)}))
+    t = dataclasses.asdict(config.train)
+    for k in _NOT_IDENTITY:
+        t.pop(k, None)
+    return json.loads(json.dumps({"data": d, "train": t}))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def setting_differences(recorded: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """``"train.target_epsilon: 3.0 (run folder) -> 5.0 (this command)"`` for each setting that differs."""
+    old, new = _flatten(recorded or {}), _flatten(now)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            out.append(f"{key}: {_show(old.get(key, '<not recorded>'))} (run folder) -> "
+                       f"{_show(new.get(key, '<unset>'))} (this command)")
+    return out
+
+
+def _show(v: Any) -> str:
+    return "none" if v is None else repr(v)
 
 
 def _build_model(cfg: TrainConfig):
@@ -123,22 +173,110 @@ def _build_model(cfg: TrainConfig):
     return model, tokenizer
 
 
+class _CheckpointEveryMinutes:
+    """A Trainer callback that asks for a checkpoint when ``minutes`` have passed since the last one."""
+
+    def __new__(cls, minutes: float):
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            def __init__(self) -> None:
+                self.seconds, self.last = minutes * 60.0, time.monotonic()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if time.monotonic() - self.last >= self.seconds:
+                    control.should_save = True
+                return control
+
+            def on_save(self, args, state, control, **kwargs):
+                self.last = time.monotonic()
+                return control
+
+        return _Callback()
+
+
+def last_checkpoint(paths: RunPaths) -> Path | None:
+    """The newest training checkpoint of an interrupted ``train`` in this run folder, if any."""
+    if not paths.trainer.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(paths.trainer))
+    return Path(last) if last is not None else None
+
+
+def _refuse_retraining(paths: RunPaths, config: RunConfig) -> None:
+    """A folder that holds a trained generator is never trained again (that would spend privacy again)."""
+    if not (paths.model / GENERATOR_META).is_file():
+        return
+    info = _read_json(paths.model / GENERATOR_META)
+    diffs = setting_differences(info.get("training", {}).get("identity"), _train_identity(config))
+    raise ConfigError(
+        f"{paths.model} already holds a trained generator. Training again on the same data spends privacy again "
+        "(the runs compose); use a new --run-dir, or delete that folder knowingly."
+        + (f" Settings of this command that differ from it: {'; '.join(diffs)}." if diffs else "")
+    )
+
+
+def _resume_point(paths: RunPaths, config: RunConfig) -> Path | None:
+    """The checkpoint to resume from, refused (naming each differing setting) if it was made with others."""
+    last = last_checkpoint(paths)
+    if last is None:
+        return None
+    if not paths.attempt.is_file():
+        raise ConfigError(
+            f"{last} has no record of its settings ({paths.attempt} is missing), so it cannot be resumed safely. "
+            f"Delete {paths.trainer} to start training over (the interrupted run released nothing)."
+        )
+    diffs = setting_differences(_read_json(paths.attempt)["identity"], _train_identity(config))
+    if diffs:
+        raise ConfigError(
+            f"{paths.trainer} holds the checkpoint of an interrupted training run made with other settings: "
+            f"{'; '.join(diffs)}. Re-run with its settings to resume it, or delete {paths.trainer} to start over "
+            "with these (the interrupted run released nothing)."
+        )
+    return last
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}); it was written by ghostdp: restore it from a copy of "
+                          "the run folder.") from exc
+
+
+def _check_label_names(config: RunConfig) -> None:
+    if config.data.label_names is None and not config.data.train_data.startswith("sst2:"):
+        raise ConfigError(
+            "data.label_names is not set: the label set would be read from the private data and published in "
+            "model/ (not DP: a label only one row has would reveal that row). Name the labels, e.g. "
+            "--label-names '0=negative,1=positive' (raw=name pairs; 'pos=pos' keeps a raw value as the name)."
+        )
+
+
 def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -> LoadedGenerator:
     """DP fine-tuning of the generator on the private data; writes ``run_dir/model`` and returns it loaded.
 
-    Refuses a run folder that already holds a trained model: training again on the same data spends
-    privacy again (the two runs compose), so it must be a deliberate new run folder.
+    Refuses a run folder that already holds a trained generator: training again on the same data spends
+    privacy again (the two runs compose), so it must be a deliberate new run folder. Writes a checkpoint
+    every ``train.checkpoint_steps`` steps or ``train.checkpoint_minutes`` minutes to ``private/trainer``; an
+    interrupted run called again with the same settings resumes from the last one (exactly: model,
+    optimizer, Poisson sampler, noise RNG and privacy ledger). Every input is checked before the model
+    loads; nothing is written before the checks pass.
     """
+    paths = RunPaths(Path(run_dir))
+    with lock_run_folder(paths.root, "train"):
+        return _train_locked(config, paths, show_progress)
+
+
+def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> LoadedGenerator:
     from ghostdp.integrations.hf.args import DPTrainingArguments
-    from ghostdp.integrations.hf.trainer import DPTrainer
+    from ghostdp.integrations.hf.trainer import PRIVACY_FILE, DPTrainer
 
     cfg = config.train
-    paths = RunPaths(Path(run_dir))
-    if (paths.model / GENERATOR_META).is_file():
-        raise ConfigError(
-            f"{paths.model} already holds a trained generator. Training again on the same data spends privacy "
-            "again (the runs compose); use a new --run-dir, or delete that folder knowingly."
-        )
+    _refuse_retraining(paths, config)
+    _check_label_names(config)
     started = time.time()
     data = load_private_data(config.data)
     N = len(data)
@@ -152,6 +290,7 @@ def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True)
         planning.check_delta(delta, N, where="train.delta")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    resume = _resume_point(paths, config)
 
     release = None
     if cfg.label_epsilon is not None:
@@ -166,19 +305,28 @@ def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True)
     collator = make_collator(tokenizer, {"template": cfg.template, "dataset_name": cfg.dataset_name,
                                          "max_length": cfg.max_length})
     args = DPTrainingArguments(
-        output_dir=str(paths.private / "trainer"), target_epsilon=cfg.target_epsilon, target_delta=delta,
+        output_dir=str(paths.trainer), target_epsilon=cfg.target_epsilon, target_delta=delta,
         logical_batch_size=cfg.logical_batch_size, per_device_train_batch_size=cfg.physical_batch_size,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, weight_decay=0.0,
         max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, clipping=cfg.clipping, dp_seed=cfg.dp_seed,
-        seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, logging_steps=1, save_strategy="no", report_to="none",
+        seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, logging_steps=1, save_strategy="steps",
+        save_steps=cfg.checkpoint_steps, save_total_limit=2, report_to="none",
         remove_unused_columns=False, dataloader_pin_memory=False, disable_tqdm=not show_progress,
     )
     trainer = DPTrainer(model=model, args=args, train_dataset=data.examples(), data_collator=collator,
-                        processing_class=tokenizer)
-    logger.info("DP fine-tuning %s (%s, %d trainable parameters) on %d private rows", cfg.model, cfg.method,
-                trainable, N)
-    trainer.train()
+                        processing_class=tokenizer, callbacks=[_CheckpointEveryMinutes(cfg.checkpoint_minutes)])
+    if resume is not None:
+        done = _read_json(resume / PRIVACY_FILE)
+        logger.warning("Resuming the interrupted DP training from %s: %d steps done (epsilon so far %.4g, already in "
+                       "the ledger); the steps after it are trained again from the same state.", resume,
+                       done["steps"], done["epsilon"])
+    else:
+        write_text_atomic(paths.attempt, json.dumps({"identity": _train_identity(config)}, indent=2) + "\n")
+    logger.info("DP fine-tuning %s (%s, %d trainable parameters) on %d private rows; a checkpoint every %d steps or "
+                "%g minutes in %s", cfg.model, cfg.method, trainable, N, cfg.checkpoint_steps,
+                cfg.checkpoint_minutes, paths.trainer, extra=COMMIT)
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     plan, engine = trainer.privacy_plan, trainer.privacy_engine
     eps_train = trainer.current_epsilon()
     eps_rdp = planning.epsilon_of_history(engine.accountant.history, plan.delta, "rdp")
@@ -191,6 +339,8 @@ def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True)
     log = [{"step": int(r["step"]), "loss": float(r["loss"]), "epsilon": float(r["epsilon"]),
             "learning_rate": float(r.get("learning_rate", float("nan")))}
            for r in trainer.state.log_history if "loss" in r and "epsilon" in r]
+    # Only functions of the DP model and public inputs go into model/ (see tests/synthetic/test_run_folder.py);
+    # losses on private batches, N and the time go to private/.
     info = {
         "format": _FORMAT,
         "ghostdp_version": _version(),
@@ -201,7 +351,7 @@ def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True)
         "max_length": cfg.max_length,
         "add_bos": False,
         "label_names": list(data.label_names),
-        "data": {"source": data.source, "num_examples": N, "fingerprint": data_fingerprint(data, paths),
+        "data": {"source": data.source, "fingerprint": data_fingerprint(data, paths),
                  "fingerprint_kind": "HMAC-SHA256(run key in private/data_key, ghostdp data_hash)"},
         "privacy": {
             "epsilon_total": spent.epsilon_total,
@@ -219,15 +369,24 @@ def train(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True)
             "steps": engine.steps,
             "planned_steps": plan.planned_steps,
             "adjacency": "add/remove one example (Poisson subsampling)",
+            "dp_seed": cfg.dp_seed,
         },
         "label_release": release.to_dict() if release is not None else None,
-        "training": {"log": log, "seconds": round(time.time() - started, 1), "learning_rate": cfg.learning_rate,
-                     "identity": _train_identity(config)},
+        "training": {"learning_rate": cfg.learning_rate, "identity": _train_identity(config)},
     }
+    record = {"log": log, "seconds": round(time.time() - started, 1), "num_examples": N,
+              "resumed_from": str(resume) if resume is not None else None,
+              "note": "PRIVATE: losses on private batches without noise, the exact N and the time; not releasable"}
+    write_text_atomic(paths.training_record, json.dumps(record, indent=2, allow_nan=False) + "\n")
     paths.model.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(paths.model))
+    (paths.model / "training_args.bin").unlink(missing_ok=True)  # a pickle of the arguments, not needed to load
     tokenizer.save_pretrained(str(paths.model))
-    (paths.model / GENERATOR_META).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_text_atomic(paths.model / GENERATOR_META, json.dumps(info, indent=2, allow_nan=False) + "\n")  # last: the
+    # folder holds a trained generator once this file is there
+    shutil.rmtree(paths.trainer, ignore_errors=True)  # the checkpoints are spent: the generator is final
+    paths.attempt.unlink(missing_ok=True)
+    record_config(config, paths, info)
     logger.info("Generator written to %s: (epsilon=%.4g, delta=%.3g)-DP (%.4g DP-SGD over %d steps, sigma=%.4g; "
                 "%.4g label counts)", paths.model, info["privacy"]["epsilon_total"], plan.delta, eps_train,
                 engine.steps, plan.noise_multiplier, eps_labels)
@@ -251,6 +410,7 @@ def _generator(paths: RunPaths, config: RunConfig, generator: LoadedGenerator | 
         return generator
     if not (paths.model / GENERATOR_META).is_file():
         raise ConfigError(f"{paths.model} holds no trained generator: run `ghostdp train` with this --run-dir first.")
+    _read_json(paths.model / GENERATOR_META)  # a torn or edited file: say which, before loading a model
     return load_generator(paths.model, use_cpu=config.train.use_cpu)
 
 
@@ -258,30 +418,39 @@ def synthesize_step(
     config: RunConfig, run_dir: str | Path, *, generator: LoadedGenerator | None = None, show_progress: bool = True,
     max_batches: int | None = None,
 ) -> SynthesisResult:
-    """Sample ``run_dir/synthetic`` from ``run_dir/model`` (resuming what is there)."""
-    paths = RunPaths(Path(run_dir))
-    gen = _generator(paths, config, generator)
-    scfg = config.synthesize
-    proportions = None
-    if scfg.label_proportions == "dp" and not scfg.per_label:
-        release = gen.info.get("label_release")
-        if release is None:
-            raise ConfigError(
-                "synthesize.label_proportions='dp' but the generator was trained without a DP label release "
-                "(train.label_epsilon none). Use synthesize.label_proportions='uniform', or retrain with "
-                "train.label_epsilon set."
-            )
-        proportions = release["proportions"]
-    targets = label_targets(gen.label_names, scfg.num_samples, per_label=scfg.per_label, proportions=proportions)
-    model_info = {
-        "model_id": gen.info["run_id"], "base_model": gen.info["base_model"], "method": gen.info["method"],
-        "model_dir": str(paths.model), "privacy": gen.info["privacy"], "data": gen.info["data"],
-    }
-    from ghostdp.integrations.synthetic.label_scoring import margin_filter_for
+    """Sample ``run_dir/synthetic`` from ``run_dir/model`` (resuming what is there).
 
-    return synthesize(gen.model, gen.tokenizer, gen.collator, gen.label_names, scfg, paths.synthetic,
-                      targets=targets, model_info=model_info, device=gen.device, max_batches=max_batches,
-                      show_progress=show_progress, sample_filter=margin_filter_for(gen, scfg.filter_margin))
+    A set made with other sampling settings is refused before anything is written, naming each setting.
+    """
+    paths = RunPaths(Path(run_dir))
+    with lock_run_folder(paths.root, "synthesize"):
+        gen = _generator(paths, config, generator)
+        scfg = config.synthesize
+        proportions = None
+        if scfg.label_proportions == "dp" and not scfg.per_label:
+            release = gen.info.get("label_release")
+            if release is None:
+                raise ConfigError(
+                    "synthesize.label_proportions='dp' but the generator was trained without a DP label release "
+                    "(train.label_epsilon none). Use synthesize.label_proportions='uniform', or retrain with "
+                    "train.label_epsilon set."
+                )
+            proportions = release["proportions"]
+        targets = label_targets(gen.label_names, scfg.num_samples, per_label=scfg.per_label, proportions=proportions)
+        model_info = {
+            "model_id": gen.info["run_id"], "base_model": gen.info["base_model"], "method": gen.info["method"],
+            "model_dir": str(paths.model), "privacy": gen.info["privacy"], "data": gen.info["data"],
+        }
+        from ghostdp.integrations.synthetic.label_scoring import margin_filter_for
+
+        try:
+            result = synthesize(gen.model, gen.tokenizer, gen.collator, gen.label_names, scfg, paths.synthetic,
+                                targets=targets, model_info=model_info, device=gen.device, max_batches=max_batches,
+                                show_progress=show_progress, sample_filter=margin_filter_for(gen, scfg.filter_margin))
+        except ResumeMismatchError as exc:
+            raise ConfigError(str(exc)) from None
+        record_config(config, paths, gen.info)
+        return result
 
 
 def evaluate_step(
@@ -291,47 +460,98 @@ def evaluate_step(
     from ghostdp.integrations.synthetic.evaluate import evaluate_run
 
     paths = RunPaths(Path(run_dir))
-    gen = _generator(paths, config, generator)
-    return evaluate_run(config, paths, gen, show_progress=show_progress)
+    with lock_run_folder(paths.root, "evaluate"):
+        gen = _generator(paths, config, generator)
+        result = evaluate_run(config, paths, gen, show_progress=show_progress)
+        record_config(config, paths, gen.info)
+        return result
+
+
+def record_config(config: RunConfig, paths: RunPaths, generator_info: dict[str, Any] | None = None) -> Path:
+    """Write ``config.toml`` after a stage succeeded: the settings that were actually run.
+
+    With ``generator_info``, the [data] and [train] settings that made the generator are taken from it (a later
+    stage's flags such as --dp-seed, which seed its own baselines, must not rewrite the record of training).
+    """
+    identity = (generator_info or {}).get("training", {}).get("identity")
+    if identity:
+        data = {**identity["data"], "eval_data": config.data.eval_data, "eval_rows": config.data.eval_rows}
+        train = {**identity["train"], **{k: getattr(config.train, k) for k in _NOT_IDENTITY}}
+        try:
+            config = build_run_config({"data": data, "train": train,
+                                       "synthesize": dataclasses.asdict(config.synthesize),
+                                       "evaluate": dataclasses.asdict(config.evaluate),
+                                       **({"preset": config.preset} if config.preset else {})})
+        except ConfigError as exc:  # an identity from an older ghostdp: keep this command's settings
+            logger.debug("config.toml from this command's settings (%s)", exc)
+    text = run_config_to_toml(dataclasses.replace(config, run_dir=str(paths.root)))
+    write_text_atomic(paths.config, text)
+    return paths.config
 
 
 def write_config(config: RunConfig, run_dir: str | Path) -> Path:
-    path = Path(run_dir) / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_config_to_toml(dataclasses.replace(config, run_dir=str(run_dir))), encoding="utf-8")
-    return path
+    """``config.toml`` with ``config`` as it is (see :func:`record_config`, which the stages call on success)."""
+    return record_config(config, RunPaths(Path(run_dir)))
 
 
 def run_pipeline(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True):
     """Train (or reuse this folder's generator if it was trained with the same settings), synthesize, evaluate.
 
-    Re-running the same command after an interruption continues: a finished generator is reused (never
-    retrained: that would spend privacy again), synthesis resumes, evaluation runs again.
+    Every input (private and held-out data, the folder's settings) is checked before the first expensive
+    step. Re-running the same command after an interruption continues: a finished generator is reused
+    (never retrained: that would spend privacy again), interrupted training resumes from its last
+    checkpoint, synthesis resumes, evaluation runs again.
     """
     paths = RunPaths(Path(run_dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    write_config(config, paths.root)
-    timings: dict[str, float] = {}
-    t = time.time()
-    if (paths.model / GENERATOR_META).is_file():
-        info = json.loads((paths.model / GENERATOR_META).read_text(encoding="utf-8"))
-        if info.get("training", {}).get("identity") != _train_identity(config):
-            raise ConfigError(
-                f"{paths.model} holds a generator trained with other data/train settings than this configuration. "
-                "Use a new --run-dir (training again spends privacy again), or restore the settings in "
-                f"{paths.root / 'config.toml'}."
-            )
-        logger.info("Reusing the generator in %s (already trained with these settings; no privacy spent again)",
-                    paths.model)
-        gen = load_generator(paths.model, use_cpu=config.train.use_cpu)
-    else:
-        gen = train(config, paths.root, show_progress=show_progress)
-    timings["train_s"] = time.time() - t
-    t = time.time()
-    synthesis = synthesize_step(config, paths.root, generator=gen, show_progress=show_progress)
-    timings["synthesize_s"] = time.time() - t
-    t = time.time()
-    result = evaluate_step(config, paths.root, generator=gen, show_progress=show_progress)
-    timings["evaluate_s"] = time.time() - t
-    logger.info("Pipeline timings: %s", {k: round(v, 1) for k, v in timings.items()})
-    return result, synthesis, timings
+    with lock_run_folder(paths.root, "pipeline"):
+        timings: dict[str, float] = {}
+        t = time.time()
+        trained = (paths.model / GENERATOR_META).is_file()
+        if trained:
+            info = _read_json(paths.model / GENERATOR_META)
+            diffs = setting_differences(info.get("training", {}).get("identity"), _train_identity(config))
+            if diffs:
+                raise ConfigError(
+                    f"{paths.model} holds a generator trained with other data/train settings than this command: "
+                    f"{'; '.join(diffs)}. Use a new --run-dir (training again spends privacy again), or restore "
+                    f"the settings (they are in {paths.config})."
+                )
+        else:
+            _check_label_names(config)
+            _resume_point(paths, config)
+        private = load_private_data(config.data)  # both data sets, validated before anything expensive
+        load_eval_data(config.data, private.label_names)
+        if trained:
+            logger.info("Reusing the generator in %s (already trained with these settings; no privacy spent again)",
+                        paths.model)
+            gen = load_generator(paths.model, use_cpu=config.train.use_cpu)
+        else:
+            gen = train(config, paths.root, show_progress=show_progress)
+        timings["train_s"] = time.time() - t
+        t = time.time()
+        synthesis = synthesize_step(config, paths.root, generator=gen, show_progress=show_progress)
+        timings["synthesize_s"] = time.time() - t
+        t = time.time()
+        result = evaluate_step(config, paths.root, generator=gen, show_progress=show_progress)
+        timings["evaluate_s"] = time.time() - t
+        logger.info("Pipeline timings: %s", {k: round(v, 1) for k, v in timings.items()})
+        return result, synthesis, timings
+
+
+def interruption_message(command: str, run_dir: str | Path) -> str:
+    """What re-running ``command`` in ``run_dir`` will do after an interruption (printed by the CLI)."""
+    paths = RunPaths(Path(run_dir))
+    again = f"Re-run the same command with --run-dir {paths.root}: "
+    if command in ("train", "pipeline") and not (paths.model / GENERATOR_META).is_file():
+        last = last_checkpoint(paths)
+        if last is None:
+            what = ("training starts again from step 0 (no checkpoint had been written yet; nothing was released, "
+                    "so no privacy is spent twice)")
+        else:
+            what = (f"training resumes from its last checkpoint, {last.name} (steps after it are trained again; "
+                    "the privacy ledger continues from there)")
+        return again + what + ("; then synthesis and evaluation run." if command == "pipeline" else ".")
+    if command in ("synthesize", "pipeline"):
+        return again + "the trained generator is reused and synthesis resumes where it stopped" + (
+            "; evaluation runs again." if command == "pipeline" else ".")
+    return again + "the evaluation runs again."

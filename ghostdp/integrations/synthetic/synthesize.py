@@ -387,6 +387,50 @@ def _fingerprint(model_id: str, sampling: Mapping[str, Any], prefixes: Mapping[s
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _resume_differences(old_meta: Mapping[str, Any] | None, model_id: str, sampling: Mapping[str, Any],
+                        filter_info: Any, prefixes: Mapping[str, Sequence[int]]) -> list[str]:
+    """Each setting in which a resume differs from the set on disk, as ``"name: old (on disk) -> new"``."""
+    if old_meta is None:
+        return []
+    out = []
+    old_model = (old_meta.get("model") or {}).get("model_id")
+    if old_model != model_id:
+        out.append(f"generator: {old_model} (on disk) -> {model_id} (another training run)")
+    old_sampling = old_meta.get("sampling") or {}
+    for k in sorted(set(old_sampling) | set(sampling)):
+        if old_sampling.get(k) != sampling.get(k):
+            out.append(f"synthesize.{k}: {old_sampling.get(k)!r} (on disk) -> {sampling.get(k)!r}")
+    old_filter = old_meta.get("filter")
+    if (old_filter is None) != (filter_info is None):
+        out.append(f"synthesize.filter_margin: {'off' if old_filter is None else 'on'} (on disk) -> "
+                   f"{'off' if filter_info is None else 'on'}")
+    elif filter_info is not None and {k: old_filter.get(k) for k in filter_info} != dict(filter_info):
+        out.append(f"filter: { {k: old_filter.get(k) for k in filter_info}!r} (on disk) -> {dict(filter_info)!r}")
+    old_prefixes = old_meta.get("prefix_ids") or {}
+    if old_prefixes and old_prefixes != {k: list(v) for k, v in prefixes.items()}:
+        out.append("label prefix ids (template or tokenizer) differ")
+    return out
+
+
+def repair_csv(out_dir: str | Path) -> bool:
+    """Bring ``synthetic.csv`` in line with the complete rows of ``synthetic.jsonl`` if it lags (a run killed
+    between the two writes); returns whether it had to. Logs what it did."""
+    out_dir = Path(out_dir)
+    rows = read_synthetic(out_dir / JSONL)
+    csv_path = out_dir / CSV
+    have = None
+    if csv_path.is_file():
+        with csv_path.open("r", encoding="utf-8", newline="") as fh:
+            have = [(r["text"], r["label"]) for r in csv.DictReader(fh)]
+    if have == [(r["text"], r["label"]) for r in rows]:
+        return False
+    logger.warning("%s %s the %d complete rows of %s (the run was killed between the two writes); rewriting it from "
+                   "the JSONL.", csv_path, "was missing, not" if have is None else f"held {len(have)} rows, not",
+                   len(rows), JSONL)
+    _write_csv(csv_path, rows)
+    return True
+
+
 def _sampling_params(config: SynthesizeConfig) -> dict[str, Any]:
     """The parameters that decide *which* samples come out (the targets only decide how many)."""
     d = asdict(config)
@@ -452,14 +496,20 @@ def synthesize(
     fingerprint = _fingerprint(str(model_info["model_id"]),
                                sampling if filter_info is None else {**sampling, "filter": filter_info}, prefixes)
 
-    old_meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
+    try:
+        old_meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
+    except ValueError:
+        old_meta = None  # torn or edited: treated as unknown settings below
     if jsonl.is_file() and jsonl.stat().st_size > 0:
         if old_meta is None or old_meta.get("fingerprint") != fingerprint:
+            diffs = _resume_differences(old_meta, str(model_info["model_id"]), sampling, filter_info, prefixes)
             raise ResumeMismatchError(
-                f"{out_dir} already holds samples from a different generator or different sampling parameters. "
-                "Resuming must use the same model, seed, temperature, top-p, top-k, max_new_tokens and batch size. "
-                "Use another output folder, or delete this one to start over."
+                f"{out_dir} already holds samples made with other settings: "
+                + ("; ".join(diffs) if diffs else f"{meta_path.name} is missing or unreadable")
+                + ". Resuming must use the same model, seed, temperature, top-p, top-k, max_new_tokens, batch size "
+                "and filter: restore them, or use another output folder (or delete this one) to start over."
             )
+    logger.info("Sampling into %s (targets %s)", out_dir, dict(targets), extra={"ghostdp_commit": True})
     rows = read_synthetic(jsonl, repair=True)
     stats = {"batches": 0, "generated": 0, "kept": 0, "duplicates": 0, "empty": 0, "no_eos": 0}
     if filter_info is not None:
@@ -584,6 +634,7 @@ def synthesize(
                     batches_this_call += 1
                     bar.update(len(kept))
                     write_meta(False)
+                    _write_csv(csv_path, rows)  # the CSV follows the JSONL batch by batch
                     if on_batch is not None:
                         on_batch({"label": label, "batch": b, "kept": len(kept), "counts": dict(counts)})
                 if stopped:

@@ -12,8 +12,10 @@ dataset size N that the privacy accountant is told about, and the sampling rate 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -178,11 +180,41 @@ def _resolve_format(config: TextDataConfig) -> str:
     if suffix in _SUFFIX_FORMATS:
         return _SUFFIX_FORMATS[suffix]
     if path.exists():
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not a data file: name the .csv, .tsv, .jsonl or .parquet file in it.")
         raise ValueError(
-            f"Cannot tell the format of {path} from its suffix {suffix!r}; pass file_format= one of "
-            "'csv', 'tsv', 'jsonl', 'parquet'."
+            f"Cannot tell the format of {path} from its suffix {suffix!r}: rename it to end in .csv, .tsv, .jsonl "
+            "or .parquet (in Python, TextDataConfig(file_format=...) also works)."
         )
     return "hub"
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of ``path``: UTF-8 (a byte-order mark, as spreadsheet software writes, is dropped), UTF-16 with a
+    BOM, or else Windows-1252 / latin-1 (what older spreadsheet exports use), with a warning naming the file and
+    the encoding used. Never a bare UnicodeDecodeError."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} starts with a UTF-16 byte-order mark but is not valid UTF-16 ({exc}). Save it "
+                             "as UTF-8.") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        for encoding in ("cp1252", "latin-1"):  # latin-1 decodes any byte sequence
+            try:
+                text = raw.decode(encoding)
+            except UnicodeDecodeError:
+                continue
+            logger.warning("%s is not UTF-8 (byte 0x%02x at offset %d); read it as %s. If accents or quotes look "
+                           "wrong in the outputs, save the file as UTF-8.", path, raw[exc.start], exc.start, encoding)
+            return text
+        raise  # pragma: no cover - latin-1 decodes every byte
 
 
 def _read_delimited(path: Path, delimiter: str, limit: int | None) -> _RawTable:
@@ -191,11 +223,12 @@ def _read_delimited(path: Path, delimiter: str, limit: int | None) -> _RawTable:
     # usual RFC 4180 double-quote rules.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     rows: list[dict[str, Any]] = []
-    with path.open("r", encoding="utf-8", newline="") as fh:
+    with io.StringIO(read_text_file(path), newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
         columns = tuple(reader.fieldnames or ())
         if not columns:
-            raise ValueError(f"{path} is empty: expected a header line naming the columns.")
+            raise ValueError(f"{path} is empty: expected a header line naming the columns, then one row per "
+                             "example. Point to the right file, or fill this one.")
         for row in reader:
             if limit is not None and len(rows) >= limit:
                 break
@@ -211,7 +244,7 @@ def _read_delimited(path: Path, delimiter: str, limit: int | None) -> _RawTable:
 def _read_jsonl(path: Path, limit: int | None) -> _RawTable:
     rows: list[dict[str, Any]] = []
     columns: dict[str, None] = {}
-    with path.open("r", encoding="utf-8") as fh:
+    with io.StringIO(read_text_file(path)) as fh:
         for line_no, line in enumerate(fh, start=1):
             if limit is not None and len(rows) >= limit:
                 break
@@ -317,6 +350,11 @@ def _to_labelled(table: _RawTable, config: TextDataConfig) -> LabelledTexts:
                 f"{table.where} has no column {column!r} (available columns: {list(table.columns)}). "
                 f"Pass {role}= one of those."
             )
+    if not table.rows:
+        raise ValueError(
+            f"{table.where} holds no rows (only a header line, or nothing): a dataset needs at least one labelled "
+            "example. Point to the right file, or fill this one."
+        )
     mapper = _label_mapper(config, table.where)
     texts: list[str] = []
     labels: list[str] = []
