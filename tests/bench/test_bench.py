@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark harness (ghostdp.integrations.bench, through its package-level names): structure, not speed.
+"""Smoke tests of the benchmark harness (ghostdp.integrations.bench): structure, not speed.
 
 A tiny Llama, one step per engine. What is checked: every engine gives a row (Opacus' refusal of tied
 parameters under ghost clipping is a row saying so, not a crash), ratios divide figures of the same
@@ -184,3 +184,18 @@ def test_cuda_engines_in_fresh_processes():
         assert r["peak_bytes"] > 0 and r["memory_kind"] == "cuda max_memory_allocated"
         assert r["cpu_min_s"] is None and r["step_min_s"] > 0
     assert result["runs"]["gpu-smoke"]["device"] == torch.cuda.get_device_name()
+
+
+def test_predict_max_batch_follows_the_affine_peak():
+    GiB = 2**30
+    fixed, per_example = 20 * GiB, 3 * GiB  # weights + optimizer state; activations per example
+    peaks = {b: fixed + b * per_example for b in (2, 8)}
+    assert bench.predict_max_batch(peaks, 80 * GiB) == 20  # (80 - 20) / 3
+    assert bench.predict_max_batch(peaks, 80 * GiB - 1) == 19
+    # A least-squares line through noisy peaks at three sizes lands on the same answer.
+    noisy = {2: peaks[2] + 10**6, 4: fixed + 4 * per_example - 10**6, 8: peaks[8] + 10**6}
+    assert bench.predict_max_batch(noisy, 80 * GiB) == 19
+    assert bench.predict_max_batch(peaks, 10 * GiB) is None  # the smallest batch measured does not fit
+    assert bench.predict_max_batch({2: 5 * GiB, 8: 5 * GiB}, 80 * GiB) is None  # flat: no line to follow
+    with pytest.raises(ValueError, match="two or more"):
+        bench.predict_max_batch({8: peaks[8]}, 80 * GiB)

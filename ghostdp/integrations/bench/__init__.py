@@ -38,6 +38,7 @@ from ghostdp.integrations.bench.measure import (
     max_batch_size,
     measure,
     measure_in_subprocess,
+    predict_max_batch,
     search_max,
 )
 from ghostdp.integrations.bench.results import (
@@ -69,6 +70,6 @@ __all__ = [
     "NON_PRIVATE", "OPACUS_MODES", "PRESETS", "Case", "EngineSpec", "Session", "Workload", "add_arguments",
     "add_ratios", "build_model", "cache_weights", "compare", "default_engines", "engine_names", "environment",
     "goal_engine", "goals", "main", "markdown", "max_batch_size", "measure", "measure_in_subprocess",
-    "merge_results", "needs_weight_cache", "new_result", "parse_engine", "rotated", "run", "search_max",
-    "setup", "summarize", "write_results",
+    "merge_results", "needs_weight_cache", "new_result", "parse_engine", "predict_max_batch", "rotated",
+    "run", "search_max", "setup", "summarize", "write_results",
 ]

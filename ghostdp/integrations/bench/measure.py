@@ -353,6 +353,30 @@ def search_max(fits: Callable[[int], bool], *, start: int = 1, limit: int = 4096
     return lo
 
 
+def predict_max_batch(peaks: dict[int, int], budget_bytes: int) -> int | None:
+    """Largest batch size whose peak memory stays within ``budget_bytes``, predicted from peaks measured at two
+    or more batch sizes (``{batch size: peak bytes}``) by the least-squares line ``peak(B) = fixed + B * per_example``.
+
+    A training step's peak is affine in B: weights, gradients and optimizer state do not depend on it,
+    activations (and per-example gradients) grow with it. Two fresh processes at small B then replace the
+    ~2·log2(answer) processes of :func:`max_batch_size`, each at up to the largest batch; a caller with time
+    to spare confirms the prediction with one run at that size. None when the smallest measured batch
+    does not fit or the peaks do not grow with B (the line says nothing then).
+    """
+    if len(peaks) < 2:
+        raise ValueError(f"need peaks at two or more batch sizes to fit a line, got {sorted(peaks)}")
+    bs = sorted(peaks)
+    if peaks[bs[0]] > budget_bytes:
+        return None
+    mean_b = sum(bs) / len(bs)
+    mean_p = sum(peaks[b] for b in bs) / len(bs)
+    slope = sum((b - mean_b) * (peaks[b] - mean_p) for b in bs) / sum((b - mean_b) ** 2 for b in bs)
+    if slope <= 0:
+        return None
+    fixed = mean_p - slope * mean_b
+    return max(bs[0], int((budget_bytes - fixed) // slope))
+
+
 def max_batch_size(case: Case, engine: str, budget_bytes: int, *, weights_dir: str | None = None,
                    limit: int = 4096) -> int | None:
     """Largest batch size of ``case`` whose step peak memory stays within ``budget_bytes`` (fresh process
