@@ -190,15 +190,17 @@ class DPTrainingArguments(TrainingArguments):
             )
         if self.fsdp:
             raise ValueError(
-                "FSDP is not supported yet: FSDP reduce-scatters gradients in autograd hooks that never fire under "
-                "ghostdp, and each parameter shard would need its own noise stream. Use data parallel (torchrun, "
-                "no fsdp); see the 'FSDP and DeepSpeed' section of ghostdp.integrations.hf.trainer."
+                "FSDP is not supported by DPTrainer yet: the Trainer would hand the model to accelerate's FSDP, whose "
+                "gradient reduction ghostdp replaces. ghostdp's PrivacyEngine itself trains FSDP2 models: shard with "
+                "torch.distributed.fsdp.fully_shard under torchrun and attach a PrivacyEngine (docs/fsdp2.md). Or "
+                "use DPTrainer data parallel (torchrun, no fsdp). FSDP1 (FullyShardedDataParallel) is refused."
             )
         if self.deepspeed:
             raise ValueError(
-                "DeepSpeed is not supported yet: its engine reduces (ZeRO: partitions) gradients in its own hooks "
-                "and assumes a fixed gradient accumulation. Use data parallel (torchrun); see the 'FSDP and "
-                "DeepSpeed' section of ghostdp.integrations.hf.trainer."
+                "DeepSpeed is not supported: its engine reduces (ZeRO: partitions) gradients in its own hooks "
+                "and assumes a fixed gradient accumulation, while Poisson batches vary. To shard parameters, "
+                "gradients and optimizer state (ZeRO-3's memory) use FSDP2: torch.distributed.fsdp.fully_shard "
+                "with ghostdp's PrivacyEngine (docs/fsdp2.md); or data parallel (torchrun, no deepspeed)."
             )
         if self.parallelism_config is not None:
             raise ValueError(

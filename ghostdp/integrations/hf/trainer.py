@@ -282,9 +282,10 @@ class DPTrainer(Trainer):
         )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
-                "DeepSpeed / FSDP is enabled (by the arguments or the accelerate config). ghostdp does not support "
-                "them yet; use plain data parallel (torchrun). See 'FSDP and DeepSpeed' in "
-                "ghostdp.integrations.hf.trainer."
+                "DeepSpeed / FSDP is enabled (by the arguments or the accelerate config). DPTrainer does not support "
+                "them: their gradient reduction is what ghostdp replaces. Use DPTrainer data parallel (torchrun), or "
+                "shard with FSDP2 (torch.distributed.fsdp.fully_shard) and ghostdp's PrivacyEngine directly "
+                "(docs/fsdp2.md)."
             )
         if self.args.n_gpu > 1:
             raise ValueError(
