@@ -4,8 +4,9 @@ One launch checks several cases in one process group and writes, per rank, a tor
 - ``equal/<case>``: after two DP steps (two physical batches each, noise 0, gradient checkpointing on,
   reshard_after_forward=True), the max abs difference between every full parameter (gathered from its
   shards) and one process training on the whole global batch; and which trainable parameters moved.
-  Cases: tied, untied, LoRA (float64), and "mixed": float32 shards with MixedPrecisionPolicy(param_dtype=
-  float64), against one float64 process (equal up to float32 rounding of the stepped shards).
+  Cases: tied, untied, LoRA (float64); "mixed": float32 shards with MixedPrecisionPolicy(param_dtype=
+  float64), against one float64 process (equal up to float32 rounding of the stepped shards); "uneven":
+  ranks with 2, 1 and 0 examples (the empty share runs one padding example with loss weight 0).
 - ``reference/<case>``: the first step's update against the one-example-at-a-time float64 reference
   (float64 cases).
 - ``noise``: with zero gradients, this rank's shard updates (= -noise / E with lr 1) per parameter, for
@@ -34,13 +35,21 @@ C, E, LR = 0.5, 8, 1.0
 SIGMA = 2.0
 
 
-def physical_batches(step: int):
-    """Two physical batches of 4 examples; rank r trains on examples r and r + 2 of each."""
+def physical_batches(step: int, case: str = ""):
+    """Two physical batches; rank r trains on examples r, r + world, ... of each. "uneven": 3 examples then
+    1, so the ranks' shares differ and rank 1 has none in the second batch."""
+    if case == "uneven":
+        return [lm_batch([5, 3, 7], seed=100 * step), lm_batch([6], seed=100 * step + 1)]
     return [lm_batch([5, 3, 7, 4], seed=100 * step), lm_batch([6, 2, 4, 7], seed=100 * step + 1)]
 
 
 def local_share(batch, rank, world):
-    return {k: v[rank::world] for k, v in batch.items()}
+    """This rank's examples and 1.0; an empty share becomes one padding example weighted 0.0, because every
+    rank must run FSDP's forward and backward (collectives) and a model cannot run a batch of 0."""
+    share = {k: v[rank::world] for k, v in batch.items()}
+    if len(share["input_ids"]) == 0:
+        return {k: v[:1] for k, v in batch.items()}, 0.0
+    return share, 1.0
 
 
 def build(case: str):
@@ -73,15 +82,15 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train(model, steps, rank, world, *, sigma=0.0, seed=0, zero_loss=False, distributed=None):
+def train(model, steps, rank, world, *, sigma=0.0, seed=0, zero_loss=False, distributed=None, case=""):
     opt = torch.optim.SGD(trainable(model), lr=LR)
     engine = PrivacyEngine(model, opt, max_grad_norm=C, expected_batch_size=E, noise_multiplier=sigma,
                            loss_reduction="sum", generator=torch.Generator().manual_seed(seed),
                            distributed=distributed)
     for step in range(steps):
-        for batch in physical_batches(step):
-            losses = lm_losses(model, local_share(batch, rank, world))
-            (losses.sum() * (0.0 if zero_loss else 1.0)).backward()
+        for batch in physical_batches(step, case):
+            share, weight = local_share(batch, rank, world)
+            (lm_losses(model, share).sum() * (0.0 if zero_loss else weight)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     engine.detach()
@@ -100,9 +109,9 @@ def full_params(model) -> dict[str, torch.Tensor]:
 def check_equal(case, rank, world, results):
     base = build(case)
     start = {n: p.detach().clone() for n, p in base.named_parameters()}
-    single = train(copy.deepcopy(base).double(), 2, 0, 1, distributed=False)
+    single = train(copy.deepcopy(base).double(), 2, 0, 1, distributed=False, case=case)
     want = dict(single.named_parameters())
-    sharded = train(shard_model(copy.deepcopy(base), case), 2, rank, world)
+    sharded = train(shard_model(copy.deepcopy(base), case), 2, rank, world, case=case)
     got = full_params(sharded)
     diff = max(float((got[n].double() - want[n].detach()).abs().max()) for n in want)
     moved = {n: bool((got[n] - start[n]).abs().max() > 1e-8) for n, p in base.named_parameters() if p.requires_grad}
@@ -113,8 +122,8 @@ def check_equal(case, rank, world, results):
         return
     # The first step's update (lr 1) against the one-example-at-a-time reference, noise 0.
     model = shard_model(copy.deepcopy(base))
-    train(model, 1, rank, world)
-    ref, _ = reference_dp_grads(base, physical_batches(0), lm_losses, C, E)
+    train(model, 1, rank, world, case=case)
+    ref, _ = reference_dp_grads(base, physical_batches(0, case), lm_losses, C, E)
     after = full_params(model)
     results[f"reference/{case}"] = max(float((start[n] - after[n] - LR * g).abs().max()) for n, g in ref.items())
 
@@ -165,7 +174,7 @@ def check_refusals(rank, world, results):
         # Inside the block's forward (weights gathered): the unsharded up_proj weight enters the output directly.
         mlp = model.model.layers[0].mlp
         mlp.register_forward_hook(lambda m, args, out: out + 1e-3 * m.up_proj.weight.sum())
-        lm_losses(model, local_share(physical_batches(0)[0], rank, world)).sum().backward()
+        lm_losses(model, local_share(physical_batches(0)[0], rank, world)[0]).sum().backward()
 
     out["fsdp1"] = expect_error(fsdp1)
     out["offload"] = expect_error(offload)
@@ -181,7 +190,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     try:
-        for case in ["tied", "untied", "lora", "mixed"]:
+        for case in ["tied", "untied", "lora", "mixed", "uneven"]:
             check_equal(case, rank, world, results)
         check_noise(rank, world, results)
         check_refusals(rank, world, results)

@@ -3,7 +3,8 @@
 - Noise 0: after two steps of two physical batches each (gradient checkpointing on, every module
   resharded after forward), the gathered parameters equal one process training on the whole global
   batch (tied, untied, LoRA; and float32 shards under MixedPrecisionPolicy(param_dtype=float64) to float32
-  rounding), and the first step equals the one-example-at-a-time float64 reference.
+  rounding; uneven shares, one rank with only a zero-weighted padding example), and the first step equals
+  the one-example-at-a-time float64 reference.
 - Noise: with zero gradients each shard's update is N(0, (sigma C / E)^2) per coordinate, independent
   across ranks and across parameters, reproducible from the seed.
 - Refusals: FSDP1, CPU offload, distributed=False, a parameter used outside its clipped layer.
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from tests.engine import fsdp2_worker as W
 
 WORKER = Path(W.__file__)
-CASES = ["tied", "untied", "lora", "mixed"]
+CASES = ["tied", "untied", "lora", "mixed", "uneven"]
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
