@@ -153,15 +153,32 @@ def stage_engine() -> dict:
                        f"torch, triton x full, LoRA); host syncs inside backward: {len(synced)}"}
 
 
+TITLE = "GPU check: ghostdp vs non-private vs Opacus"
+
+
+def _save_rows(results: Path, new: dict) -> dict:
+    """Merge ``new`` into ``<results>.json`` and recompute every row's ratios; written at once, so a stage
+    stopped at its limit keeps the engines it finished."""
+    from ghostdp.integrations import bench
+
+    path = results.with_suffix(".json")
+    table = bench.merge_results(json.loads(path.read_text()) if path.exists() else None, new)
+    bench.add_ratios(table["rows"])
+    return bench.write_results(table, results, title=TITLE)
+
+
 def stage_bench(name: str, results: Path) -> dict:
+    """One case, one engine at a time (memory in a fresh process, then timed steps here), all rows of one
+    run id, so each ratio divides figures of this run; non-private first, as every ratio's base."""
     from ghostdp.integrations import bench
 
     case = bench_cases()[name]
-    heavy = case.model == "llama2-7b"
-    result = bench.compare([case], engines(), rounds=1, steps=3 if heavy else 5, warmup=1, run=f"gpu-check-{name}")
-    bench.write_results(result, results, merge=True, title="GPU check: ghostdp vs non-private vs Opacus")
-    rows = [{k: r.get(k) for k in ("engine", "status", "step_min_s", "peak_bytes", "time_ratio_min", "memory_ratio")}
-            for r in result["rows"]]
+    steps = 3 if case.model == "llama2-7b" else 5
+    run = f"gpu-check-{name}-{datetime.datetime.now():%Y%m%dT%H%M%S}"
+    for engine in engines():
+        table = _save_rows(results, bench.compare([case], [engine], rounds=1, steps=steps, warmup=1, run=run))
+    keys = ("engine", "status", "step_min_s", "peak_bytes", "time_ratio_min", "memory_ratio")
+    rows = [{k: r.get(k) for k in keys} for r in table["rows"] if r["run"] == run]
     failed = [r["engine"] for r in rows if r["status"].startswith("error")]
     return {"status": "failed" if failed else "passed", "rows": rows,
             "summary": "; ".join(f"{r['engine']}: {r['status']}" + (
@@ -169,16 +186,22 @@ def stage_bench(name: str, results: Path) -> dict:
                 if r["time_ratio_min"] and r["memory_ratio"] else "") for r in rows)}
 
 
+def memory_budget() -> int:
+    """The memory a batch may fill: the GPU's, less 2 GiB for the CUDA context, cuBLAS workspaces and the
+    caching allocator's slack (none of which ``max_memory_allocated`` counts)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory - 2 * 2**30
+
+
 def stage_max_batch(results: Path) -> dict:
     """Per case and engine: peaks at B=2 (measured here) and at the case's B (from the bench stage, else
     measured here), the line through them, the largest B within the GPU's memory less 2 GiB."""
     import dataclasses as dc
 
-    import torch
-
     from ghostdp.integrations import bench
 
-    budget = torch.cuda.get_device_properties(0).total_memory - 2 * 2**30
+    budget = memory_budget()
     verify = os.environ.get("GHOSTDP_GPU_CHECK_VERIFY") == "1"
     path = results.with_suffix(".json")
     table = json.loads(path.read_text()) if path.exists() else {"runs": {}, "rows": []}
@@ -205,10 +228,9 @@ def stage_max_batch(results: Path) -> dict:
                 how += f"; verified: {rec['status']}"
             log.info("max batch %s %s: %s (%s)", case.id, engine, best, how)
             found.append({"case": case.id, "engine": engine, "max_batch": best, "method": how})
-            if row:
+            if row:  # written at once, so a stage stopped at its limit keeps what it found
                 row.update(max_batch=best, max_batch_budget_bytes=budget, max_batch_method=how)
-    if table["rows"]:
-        bench.write_results(table, results, title="GPU check: ghostdp vs non-private vs Opacus")
+                bench.write_results(table, results, title=TITLE)
     return {"status": "passed", "budget_bytes": budget, "max_batch": found,
             "summary": "; ".join(f"{f['case'].split('-T')[0]} {f['engine']}: {f['max_batch']}" for f in found)}
 

@@ -127,3 +127,33 @@ def test_options_name_the_stages():
                             env_ok=True, cuda=True, limit=60)
     assert reason == "not in --only"
     assert gc.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_bench_and_max_batch_stages_on_a_cpu_case(tmp_path, monkeypatch):
+    """The two benchmark stages with their GPU case swapped for a tiny CPU one: one compare per engine, all
+    of one run, so the ratios divide by that run's non-private row; the largest batch lands in the table."""
+    from ghostdp.integrations import bench
+
+    gc = _driver()
+    case = bench.Case("tiny-llama", False, 128, 8)
+    monkeypatch.setattr(gc, "bench_cases", lambda: {"bench-tiny": case})
+    monkeypatch.setattr(gc, "memory_budget", lambda: 8 * 2**30)
+    monkeypatch.setenv("GHOSTDP_GPU_CHECK_ENGINES", "non-private,ghostdp-auto-torch")
+    stem = tmp_path / "engines_gpu_check_cpu"
+    record = gc.stage_bench("bench-tiny", stem)
+    assert record["status"] == "passed", record
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [r["engine"] for r in rows] == ["non-private", "ghostdp-auto-torch"]
+    assert len({r["run"] for r in rows}) == 1
+    base, dp = rows
+    assert dp["memory_ratio"] == pytest.approx(dp["peak_bytes"] / base["peak_bytes"])
+    assert dp["time_ratio_min"] == pytest.approx(dp["step_min_s"] / base["step_min_s"])
+
+    found = gc.stage_max_batch(stem)["max_batch"]
+    assert [f["engine"] for f in found] == ["non-private", "ghostdp-auto-torch"]
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    for f, row in zip(found, rows):
+        assert row["max_batch"] == f["max_batch"] and row["max_batch_budget_bytes"] == 8 * 2**30
+        if f["max_batch"] is not None:  # RSS on a shared CPU is noisy: a flat line gives no prediction
+            assert f["max_batch"] >= 8 and "peaks at B=[2, 8]" in f["method"]
+    assert "@ 8.0 GiB" in stem.with_suffix(".md").read_text()
