@@ -88,7 +88,7 @@ def direct_prv_up(mechanisms, counts, delta, eps_rdp):
     """prv-accountant called directly, with the error budgets the module documents."""
     from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 
-    eps_error = 0.01 * 2.0 ** math.ceil(math.log2(max(0.125, eps_rdp)))
+    eps_error = 0.005 * 2.0 ** math.floor(math.log2(max(0.125, eps_rdp)))
     prvs = [PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=s) for s, q in mechanisms]
     accountant = PRVAccountant(prvs=prvs, max_self_compositions=counts, eps_error=eps_error, delta_error=delta * 1e-3)
     return accountant.compute_epsilon(delta=delta, num_self_compositions=counts)
@@ -171,7 +171,7 @@ def test_prv_gaussian_q1_brackets_the_exact_gaussian_epsilon():
     exact = gaussian_exact_epsilon(sigma / math.sqrt(steps), DELTA)
     prv = acc.epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=DELTA)
     rdp = acc.epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=DELTA, accountant="rdp")
-    eps_error = 0.01 * 2.0 ** math.ceil(math.log2(max(0.125, rdp)))
+    eps_error = 0.005 * 2.0 ** math.floor(math.log2(max(0.125, rdp)))
     assert exact <= prv <= exact + 2 * eps_error
     assert exact <= rdp
     single = acc.single_step_epsilon(noise_multiplier=sigma / math.sqrt(steps), sample_rate=1.0, delta=DELTA)
