@@ -2,7 +2,7 @@
 
 One launch checks several cases in one process group and writes, per rank, a torch file the test reads:
 - ``equal/<case>``: after two DP steps (two physical batches each, noise 0, gradient checkpointing on,
-  reshard_after_forward=True), the max abs difference between every full parameter (gathered from its
+  reentrant for "untied", reshard_after_forward=True), the max abs difference between every full parameter (gathered from its
   shards) and one process training on the whole global batch; and which trainable parameters moved.
   Cases: tied, untied, LoRA (float64); "mixed": float32 shards with MixedPrecisionPolicy(param_dtype=
   float64), against one float64 process (equal up to float32 rounding of the stepped shards); "uneven":
@@ -60,8 +60,14 @@ def build(case: str):
 
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                                  lora_dropout=0.0, init_lora_weights=False))
-    model.gradient_checkpointing_enable()
     model.train()
+    return model
+
+
+def checkpointed(model, case: str):
+    """A copy with gradient checkpointing on: reentrant for "untied", non-reentrant otherwise."""
+    model = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": case == "untied"})
     return model
 
 
@@ -109,9 +115,9 @@ def full_params(model) -> dict[str, torch.Tensor]:
 def check_equal(case, rank, world, results):
     base = build(case)
     start = {n: p.detach().clone() for n, p in base.named_parameters()}
-    single = train(copy.deepcopy(base).double(), 2, 0, 1, distributed=False, case=case)
+    single = train(checkpointed(base, case).double(), 2, 0, 1, distributed=False, case=case)
     want = dict(single.named_parameters())
-    sharded = train(shard_model(copy.deepcopy(base), case), 2, rank, world, case=case)
+    sharded = train(shard_model(checkpointed(base, case), case), 2, rank, world, case=case)
     got = full_params(sharded)
     diff = max(float((got[n].double() - want[n].detach()).abs().max()) for n in want)
     moved = {n: bool((got[n] - start[n]).abs().max() > 1e-8) for n, p in base.named_parameters() if p.requires_grad}
@@ -121,7 +127,7 @@ def check_equal(case, rank, world, results):
     if case == "mixed":
         return
     # The first step's update (lr 1) against the one-example-at-a-time reference, noise 0.
-    model = shard_model(copy.deepcopy(base))
+    model = shard_model(checkpointed(base, case), case)
     train(model, 1, rank, world, case=case)
     ref, _ = reference_dp_grads(base, physical_batches(0, case), lm_losses, C, E)
     after = full_params(model)
