@@ -35,8 +35,12 @@ class GuessResult:
 
 
 def _order(scores: np.ndarray, seed: int) -> np.ndarray:
-    """Indices from lowest to highest score; ties in a random order independent of the coin flips."""
-    perm = np.random.default_rng(seed).permutation(len(scores))
+    """Indices from lowest to highest score; ties in a random order independent of the coin flips.
+
+    The tie-break stream is keyed by (seed, "ties"), so it never replays the stream that drew the coin flips
+    from ``seed`` (``make_canaries``).
+    """
+    perm = np.random.default_rng([seed, 0x7E5]).permutation(len(scores))
     return perm[np.argsort(scores[perm], kind="stable")]
 
 
@@ -58,9 +62,13 @@ def count_correct(scores: Sequence[float], included: Sequence[bool], k_plus: int
 
 
 def default_guess_counts(m: int) -> list[tuple[int, int]]:
-    """(k+, k-) pairs tried by default: symmetric, r = 2k in {m/64, ..., m/2, m}, at least 2 guesses."""
+    """(k+, k-) pairs tried by default: k in {m/128, ..., m/2}, symmetric (k, k) and "in" only (k, 0).
+
+    "In" only helps when some inserted canaries were never sampled (probability (1 - q)^steps each): they
+    score like canaries that were out, so "out" guesses among the lowest scores are the error-prone ones.
+    """
     ks = sorted({max(1, m // d) for d in (128, 64, 32, 16, 8, 4, 2)})
-    return [(k, k) for k in ks if 2 * k <= m]
+    return [(k, k) for k in ks if 2 * k <= m] + [(k, 0) for k in ks if k >= 2]
 
 
 def best_guesses(

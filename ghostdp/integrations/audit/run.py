@@ -146,7 +146,6 @@ def train_dp(
         model, optimizer, max_grad_norm=config.max_grad_norm, expected_batch_size=normaliser,
         noise_multiplier=noise_multiplier, loss_reduction="sum", clipping=config.clipping, sample_rate=sample_rate,
         generator=torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1),
-        impl="torch" if not torch.cuda.is_available() else "auto",
     )
     sampler = PoissonBatchSampler(len(train_seqs), sample_rate, generator=torch.Generator().manual_seed(seed + 2), steps=config.steps)
     device = next(model.parameters()).device
