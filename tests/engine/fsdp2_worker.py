@@ -11,6 +11,8 @@ One launch checks several cases in one process group and writes, per rank, a tor
   (float64 cases).
 - ``noise``: with zero gradients, this rank's shard updates (= -noise / E with lr 1) per parameter, for
   three runs: seed 7, seed 7 again, seed 8.
+- ``resume``: noisy training with momentum, interrupted by a DCP checkpoint and restored into a fresh,
+  differently seeded model/optimizer/engine, against the same run uninterrupted.
 - ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, and a parameter used
   outside its clipped layer.
 Run: python -m torch.distributed.run --nproc_per_node 2 tests/engine/fsdp2_worker.py OUT_PREFIX
@@ -98,7 +100,7 @@ def train(model, steps, rank, world, *, sigma=0.0, seed=0, zero_loss=False, dist
             share, weight = local_share(batch, rank, world)
             (lm_losses(model, share).sum() * (0.0 if zero_loss else weight)).backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=case != "uneven")  # "uneven": zeroed in place, as Trainer-style loops do
     engine.detach()
     return model
 
@@ -142,6 +144,49 @@ def check_noise(rank, world, results):
         train(model, 1, rank, world, sigma=SIGMA, seed=seed, zero_loss=True)
         runs[label] = {n: (p.to_local().detach() - before[n]).clone() for n, p in model.named_parameters()}
     results["noise"] = runs
+
+
+def check_resume(rank, world, results, folder: str):
+    """Noisy training with momentum: 2 steps straight vs 1 step, a DCP checkpoint (sharded model and optimizer
+    state) plus the engine's state, a fresh model/optimizer/engine seeded differently, restore, 1 step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def fresh(seed):
+        model = shard_model(tiny_llama(True))
+        opt = torch.optim.SGD(trainable(model), lr=0.5, momentum=0.9)
+        engine = PrivacyEngine(model, opt, max_grad_norm=C, expected_batch_size=E, noise_multiplier=SIGMA,
+                               loss_reduction="sum", sample_rate=0.25, generator=torch.Generator().manual_seed(seed))
+        return model, opt, engine
+
+    def steps(model, opt, start, stop):
+        for step in range(start, stop):
+            for batch in physical_batches(step):
+                share, weight = local_share(batch, rank, world)
+                (lm_losses(model, share).sum() * weight).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    model, opt, engine = fresh(3)
+    steps(model, opt, 0, 2)
+    want, want_eps = full_params(model), engine.epsilon(1e-5)
+
+    model, opt, engine = fresh(3)
+    steps(model, opt, 0, 1)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=folder)
+    torch.save(engine.state_dict(), f"{folder}/engine.{rank}")  # per rank: each holds its own generator
+
+    model, opt, engine = fresh(99)
+    msd, osd = get_state_dict(model, opt)  # on a fresh optimizer this runs one zero-lr step (see docs/fsdp2.md)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    engine.load_state_dict(torch.load(f"{folder}/engine.{rank}", weights_only=False))  # after: undoes that step
+    steps(model, opt, 1, 2)
+    got = full_params(model)
+    results["resume"] = {"max_abs_diff": max(float((got[n] - want[n]).abs().max()) for n in want),
+                         "steps": engine.steps, "epsilon": (engine.epsilon(1e-5), want_eps)}
 
 
 def expect_error(fn) -> str:
@@ -199,6 +244,7 @@ def main():
         for case in ["tied", "untied", "lora", "mixed", "uneven"]:
             check_equal(case, rank, world, results)
         check_noise(rank, world, results)
+        check_resume(rank, world, results, f"{prefix}.checkpoint")
         check_refusals(rank, world, results)
     finally:
         torch.save(results, f"{prefix}.{rank}")

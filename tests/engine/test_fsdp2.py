@@ -7,6 +7,8 @@
   the one-example-at-a-time float64 reference.
 - Noise: with zero gradients each shard's update is N(0, (sigma C / E)^2) per coordinate, independent
   across ranks and across parameters, reproducible from the seed.
+- Resume: a DCP checkpoint of the sharded model and optimizer plus the engine's state continues a noisy
+  run exactly.
 - Refusals: FSDP1, CPU offload, distributed=False, a parameter used outside its clipped layer.
 """
 from __future__ import annotations
@@ -91,6 +93,13 @@ def test_shard_noise_std_independence_and_seed(results):
     z0, z1 = _flat(runs[0]["seed7"]), _flat(runs[1]["seed7"])
     assert z0.shape == z1.shape
     assert abs(_corr(z0, z1)) < 6 / math.sqrt(z0.numel()), _corr(z0, z1)
+
+
+def test_resume_from_a_sharded_checkpoint_is_exact(results):
+    for rank, res in enumerate(results):
+        r = res["resume"]
+        assert r["max_abs_diff"] <= 1e-12, (rank, r)
+        assert r["steps"] == 2 and r["epsilon"][0] == r["epsilon"][1], (rank, r)
 
 
 def test_refusals(results):
