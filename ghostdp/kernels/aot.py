@@ -15,6 +15,8 @@ first step. This module lists every variant the launchers can choose and compile
   settings (pairwise coverage) plus, per input dtype, the variant with the largest tiles (shared
   memory grows with the tiles, so it bounds the rest). The test suite compiles this subset; the
   full product (``--matrix full``) is for a machine with time to spare.
+- :func:`with_ones` adds, per kernel, the variant with every integer argument equal to 1 (which
+  Triton compiles as a constant).
 - :func:`compile_variant` compiles one variant and reports its shared memory against
   :data:`SHARED_MEMORY_LIMIT`.
 
@@ -204,6 +206,17 @@ def covering_subset(space: Iterable[Variant]) -> list[Variant]:
     return list(chosen)
 
 
+def with_ones(v: Variant) -> Variant:
+    """``v`` with every i32 argument equal to 1, which Triton compiles as the constant 1.
+
+    Triton specialises an integer argument equal to 1 into a constexpr (B = 1, T = 1 for (B, d)
+    inputs, a single tile or split), so each kernel also has this variant on a GPU.
+    """
+    ones = tuple((k, 1) for k, t in v.signature if t == "i32")
+    return Variant(v.module, v.kernel, tuple((k, t) for k, t in v.signature if t != "i32"),
+                   tuple(sorted(v.constexprs + ones)), v.num_warps)
+
+
 def compile_variant(v: Variant, arch: int) -> dict[str, object]:
     """Compile ``v`` for sm_``arch``; return its record (shared bytes or the error, seconds).
 
@@ -215,8 +228,9 @@ def compile_variant(v: Variant, arch: int) -> dict[str, object]:
 
     fn = getattr(importlib.import_module(v.module), v.kernel)
     names = list(fn.arg_names)
-    signature = dict(v.signature)
-    signature.update({k: "constexpr" for k, _ in v.constexprs})
+    signature = {k: "constexpr" for k, _ in v.constexprs}
+    signature.update(v.signature)
+    signature = {k: signature[k] for k in names}  # in the kernel's argument order
     divisible = [["tt.divisibility", 16]]
     attrs = {(names.index(k),): divisible for k, t in v.signature
              if t.startswith("*") or t == "i32"}
@@ -229,7 +243,11 @@ def compile_variant(v: Variant, arch: int) -> dict[str, object]:
             ASTSource(fn=fn, signature=signature, constexprs=dict(v.constexprs), attrs=attrs),
             target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
     except Exception as e:  # every compiler failure is a finding to report, not to stop on
-        record["error"] = f"{type(e).__name__}: {e}"
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        record["error"] = f"{type(e).__name__}: {e}" + (
+            f"\ncaused by {type(root).__name__}: {root}" if root is not e else "")
     else:
         record["shared"] = int(compiled.metadata.shared)
         record["limits"] = {str(a): SHARED_MEMORY_LIMIT[a]
@@ -261,8 +279,11 @@ def run(archs: Iterable[int], matrix: str = "covering", jobs: int = 1) -> list[d
                            "ghostdp.kernels.aot`).")
     space = variants()
     chosen = space if matrix == "full" else covering_subset(space)
-    todo = [(v, arch) for arch in archs for v in chosen]
-    logger.info("compiling %d of %d variants for sm_%s with %d job(s)", len(chosen), len(space),
+    first = {v.kernel: v for v in reversed(chosen)}  # each kernel's first chosen variant
+    ones = [with_ones(v) for v in first.values()]
+    todo = [(v, arch) for arch in archs for v in chosen + ones]
+    logger.info("compiling %d of the %d variants the launchers can choose, and %d with integer "
+                "arguments of 1, for sm_%s with %d job(s)", len(chosen), len(space), len(ones),
                 "/sm_".join(map(str, archs)), jobs)
     if jobs <= 1:
         return [_compile_job(job) for job in todo]

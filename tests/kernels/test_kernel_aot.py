@@ -95,6 +95,15 @@ def test_the_compiled_subset_covers_every_pair_and_the_largest_tiles(space):
                            for v in picked), f"{kernel} {dtype}: largest tile not compiled"
 
 
+def test_with_ones_makes_every_int_argument_the_constant_1(space):
+    v = next(v for v in space if v.kernel == "_ghost_norm2_kernel")
+    ones = aot.with_ones(v)
+    assert [t for _, t in ones.signature] == ["*" + v.signature[0][1][1:]] * 2 + ["*i32", "*fp32"]
+    consts = dict(ones.constexprs)
+    assert {k: consts[k] for k in ("T", "D", "P", "n_pairs")} == {"T": 1, "D": 1, "P": 1, "n_pairs": 1}
+    assert {k: consts[k] for k, _ in v.constexprs} == dict(v.constexprs)
+
+
 def test_problems_reports_errors_and_shared_memory_over_the_limit():
     base = {"variant": "k[...]", "arch": 80}
     assert aot.problems(dict(base, shared=100, limits={"80": 1000})) == []
@@ -117,6 +126,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90_within_shared_memory(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     records = summary["records"]
     assert {(r["kernel"], r["arch"]) for r in records} == {(k, a) for k in KERNELS for a in (80, 90)}
+    ones = {(r["kernel"], r["arch"]) for r in records
+            if "i32" not in r["signature"].values()}
+    assert ones == {(k, a) for k in KERNELS for a in (80, 90)}, "variants with ints of 1 missing"
     for r in records:
         assert "error" not in r, r["error"]
         assert 0 <= r["shared"] <= aot.SHARED_MEMORY_LIMIT[r["arch"]], r["variant"]
