@@ -37,8 +37,8 @@ ends with one reduce-scatter per trainable parameter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -77,7 +77,7 @@ def refuse_fsdp1(model: nn.Module) -> None:
             "The model is wrapped in FSDP1 (FullyShardedDataParallel). ghostdp cannot clip it: FSDP1 flattens "
             "the parameters of a wrapped unit into one FlatParameter and reduce-scatters gradients in hooks "
             "that would carry unclipped per-batch gradients. Shard with FSDP2 instead "
-            "(torch.distributed.fsdp.fully_shard, or accelerate with fsdp_version: 2). " + _WAYS_OUT
+            "(torch.distributed.fsdp.fully_shard) and attach the PrivacyEngine after sharding. " + _WAYS_OUT
         )
 
 
@@ -125,7 +125,7 @@ class FSDP2Sharding:
     """
 
     def __init__(self, model: nn.Module, names: dict[nn.Parameter, str], on_untracked: Callable):
-        _, DTensor, Shard = _fsdp2()
+        Shard = _fsdp2()[2]
         by_sharded = {fp.sharded_param: fp for fp in _fsdp_params(model)}
         outside = [name for p, name in names.items() if p not in by_sharded]
         if outside:

@@ -28,10 +28,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard  # noqa: E402
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from ghostdp import PrivacyEngine  # noqa: E402
-from tests.helpers import lm_batch, lm_losses, reference_dp_grads, tiny_llama  # noqa: E402
+from ghostdp import PrivacyEngine
+from tests.helpers import lm_batch, lm_losses, reference_dp_grads, tiny_llama
 
 C, E, LR = 0.5, 8, 1.0
 SIGMA = 2.0
