@@ -213,6 +213,7 @@ def lock_run_folder(root: str | Path, stage: str) -> Iterator[None]:
         finally:
             _HELD[root] -= 1
         return
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -239,5 +240,9 @@ def lock_run_folder(root: str | Path, stage: str) -> Iterator[None]:
         finally:
             del _HELD[root]
             os.ftruncate(fd, 0)
+            if created and [p.name for p in root.iterdir()] == [LOCK_FILE]:  # refused before writing anything:
+                (root / LOCK_FILE).unlink()  # leave no trace of a folder this call made
+                with contextlib.suppress(OSError):
+                    root.rmdir()
     finally:
         os.close(fd)  # closing the descriptor releases the flock
