@@ -33,7 +33,16 @@ __all__ = ["AuditConfig", "AuditResult", "audit_model", "train_dp"]
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """One audit run. Give ``target_epsilon`` (noise calibrated by the accountant) or ``noise_multiplier``."""
+    """One audit run. Give ``target_epsilon`` (noise calibrated by the accountant) or ``noise_multiplier``.
+
+    Canaries: ``num_canaries`` (m) of ``canary_kind``, ``canary_length`` tokens (random_tokens) or a
+    ``secret_digits``-digit secret (secret_text). Training, as a real run: clipping bound ``max_grad_norm`` (C),
+    Poisson rate q = ``expected_batch_size`` / (n_data + m), ``steps`` noisy steps of ``optimizer`` at
+    ``learning_rate``, ``physical_batch_size`` examples per backward pass, the engine's ``clipping`` rule.
+    Audit: ``score`` ("loss" drop or "white_box"), the bound's ``confidence`` and ``delta``, and the epsilon it
+    is held against (``claimed_epsilon``; default the accountant's epsilon at ``delta``). ``seed`` seeds
+    canaries, coin flips, sampling and noise (None: from the OS); a known seed makes the run non-private.
+    """
 
     num_canaries: int = 256
     canary_kind: CanaryKind = "random_tokens"
