@@ -69,6 +69,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint, seed_worker
 
 from ghostdp.engine import planning
+from ghostdp.engine.fsdp import is_fsdp2
 from ghostdp.engine.loss import per_example_lm_loss
 from ghostdp.engine.privacy_engine import PrivacyEngine
 from ghostdp.engine.sampling import PoissonBatchSampler
@@ -311,6 +312,13 @@ class DPTrainer(Trainer):
     # ================================================================== checks before training
     def _check_model_supported(self) -> None:
         """Attach a throw-away engine so an unsupported trainable layer fails now, not at the first step."""
+        if is_fsdp2(self.model):
+            raise ValueError(
+                "The model is sharded with FSDP2 (fully_shard). DPTrainer does not support sharded models yet: it "
+                "broadcasts rank 0's parameters and saves whole state dicts, which would mix or break the shards. "
+                "Train the sharded model with ghostdp's PrivacyEngine under torchrun (docs/fsdp2.md), or give "
+                "DPTrainer the unsharded model (data parallel)."
+            )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("The model has no trainable parameters (requires_grad=True); nothing to train.")
