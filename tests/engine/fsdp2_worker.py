@@ -13,8 +13,8 @@ One launch checks several cases in one process group and writes, per rank, a tor
   three runs: seed 7, seed 7 again, seed 8.
 - ``resume``: noisy training with momentum, interrupted by a DCP checkpoint and restored into a fresh,
   differently seeded model/optimizer/engine, against the same run uninterrupted.
-- ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, and a parameter used
-  outside its clipped layer.
+- ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, a DPTrainer given a sharded
+  model, and a parameter used outside its clipped layer.
 Run: python -m torch.distributed.run --nproc_per_node 2 tests/engine/fsdp2_worker.py OUT_PREFIX
 """
 from __future__ import annotations
@@ -197,7 +197,7 @@ def expect_error(fn) -> str:
     return "no error"
 
 
-def check_refusals(rank, world, results):
+def check_refusals(rank, world, results, folder: str):
     out = {}
 
     def fsdp1():
@@ -227,7 +227,15 @@ def check_refusals(rank, world, results):
         mlp.register_forward_hook(lambda m, args, out: out + 1e-3 * m.up_proj.weight.sum())
         lm_losses(model, local_share(physical_batches(0)[0], rank, world)[0]).sum().backward()
 
+    def dp_trainer():
+        from ghostdp.integrations.hf.trainer import DPTrainer
+        from tests.hf.trainer_helpers import collator, make_args, make_data
+
+        DPTrainer(model=shard_model(tiny_llama(True)), args=make_args(f"{folder}/trainer"), train_dataset=make_data(8),
+                  data_collator=collator())
+
     out["fsdp1"] = expect_error(fsdp1)
+    out["dp_trainer"] = expect_error(dp_trainer)
     out["offload"] = expect_error(offload)
     out["not_distributed"] = expect_error(not_distributed)
     out["used_outside"] = expect_error(used_outside)
@@ -245,7 +253,7 @@ def main():
             check_equal(case, rank, world, results)
         check_noise(rank, world, results)
         check_resume(rank, world, results, f"{prefix}.checkpoint")
-        check_refusals(rank, world, results)
+        check_refusals(rank, world, results, f"{prefix}.refusals")
     finally:
         torch.save(results, f"{prefix}.{rank}")
         dist.destroy_process_group()
