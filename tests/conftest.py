@@ -49,7 +49,10 @@ def smollm_tokenizer():
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         pytest.skip(f"no .gguf file in {folder}")
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+    if tok.pad_token is None:  # transformers 4.x reads no pad token from this GGUF; load_causal_lm does the same
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,19 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script by torchrun
     sys.path.insert(0, str(REPO))
 
 from tests.helpers import tiny_llama, word_tokenizer_from  # noqa: E402
+
+# Argument and attribute names that differ between the supported transformers lines (4.57+ and 5.x).
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+LENGTH_GROUPED = dict(group_by_length=True) if TRANSFORMERS_4 else dict(train_sampling_strategy="group_by_length")
+CHECKPOINTING = "gradient_checkpointing" if TRANSFORMERS_4 else "activation_checkpointing"  # the argument
+IS_CHECKPOINTING = "is_gradient_checkpointing" if TRANSFORMERS_4 else "is_activation_checkpointing"  # model attr
 
 WORDS = [f"w{i}" for i in range(30)]
 LABELS = ("pos", "neg")

@@ -16,12 +16,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import transformers
+from packaging.version import Version
 from transformers import TrainingArguments
 
 __all__ = ["DPTrainingArguments"]
 
 _ACCOUNTANTS = ("prv", "rdp")
 _CLIPPING = ("auto", "ghost", "per_sample")
+_TRANSFORMERS_4 = Version(transformers.__version__).major < 5  # the oldest supported line (see pyproject)
 
 
 def _value(option) -> str:
@@ -86,6 +89,10 @@ class DPTrainingArguments(TrainingArguments):
         # DP checks first, so a DP-specific problem is explained before Hugging Face's own validation runs.
         self._check_dp_fields()
         self._check_compatible()
+        if _TRANSFORMERS_4 and self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+            # transformers 5's default. 4.x defaults to reentrant checkpointing, whose backward never runs when
+            # no input of a block requires grad, as with LoRA over frozen embeddings.
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
 
     # ------------------------------------------------------------------ the DP fields themselves
@@ -150,12 +157,23 @@ class DPTrainingArguments(TrainingArguments):
                 "fp16=True is not supported: fp16 needs loss scaling, and a scaled loss scales every per-example "
                 "gradient before clipping (and fp16 norms overflow). Use bf16=True (no loss scaling) or fp32."
             )
-        if self.train_sampling_strategy != "random":
+        # transformers 5 has train_sampling_strategy; 4.x has the boolean group_by_length instead.
+        sampling = getattr(self, "train_sampling_strategy", None)
+        if sampling is None:
+            sampling = "group_by_length" if getattr(self, "group_by_length", False) else "random"
+        if sampling != "random":
             raise ValueError(
-                f"train_sampling_strategy={self.train_sampling_strategy!r}: DP-SGD's accounting assumes Poisson "
-                "sampling (each example independently with probability q). Sequential, length-grouped or "
-                "rebalanced batches are a different mechanism whose epsilon would be under-stated. DPTrainer always "
-                "samples Poisson batches; leave train_sampling_strategy='random' (its default)."
+                f"train_sampling_strategy={sampling!r} (group_by_length=True in transformers 4): DP-SGD's accounting "
+                "assumes Poisson sampling (each example independently with probability q). Sequential, "
+                "length-grouped or rebalanced batches are a different mechanism whose epsilon would be "
+                "under-stated. DPTrainer always samples Poisson batches; leave train_sampling_strategy='random' "
+                "(its default; group_by_length=False in transformers 4)."
+            )
+        if _TRANSFORMERS_4 and self.include_num_input_tokens_seen not in ("no", False):
+            raise ValueError(
+                f"include_num_input_tokens_seen={self.include_num_input_tokens_seen!r} needs transformers >= 5 with "
+                "DPTrainer: transformers 4 counts the tokens inline on the Trainer's batch, which under DPTrainer is "
+                "a whole logical batch of physical batches. Leave it off, or upgrade transformers."
             )
         if self.label_smoothing_factor != 0:
             raise ValueError(

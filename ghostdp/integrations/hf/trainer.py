@@ -65,6 +65,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
+import transformers
+from packaging.version import Version
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint, seed_worker
 
@@ -82,6 +84,12 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "ghostdp_state.pt"
 PRIVACY_FILE = "ghostdp_privacy.json"
 _STATE_VERSION = 1
+
+# transformers 4.57 (the oldest release supported, see pyproject) runs the training loop in one method: it has
+# no _prepare_for_training / _clip_grad_norm / _get_grad_norm / _track_num_input_tokens to override, so DPTrainer
+# reaches the same points through public hooks there (a callback's on_train_begin, the accelerator's
+# clip_grad_norm_). tests/hf/test_compat.py guards each of these points on the version it runs on.
+_TRANSFORMERS_4 = Version(transformers.__version__).major < 5
 
 # Methods whose override in a subclass would bypass DP (their replacement decides sampling, the loss or the
 # gradient), with what to do instead.
@@ -195,6 +203,35 @@ class _RankShareSampler(Sampler[list[int]]):
         self._drawn.clear()
 
 
+class _StartDPCallback(TrainerCallback):
+    """transformers 4.x only: attaches the engine at ``on_train_begin`` (5.x does it in ``_prepare_for_training``).
+
+    In 4.x's loop, ``on_train_begin`` is the first point after the model and optimizer are prepared and a
+    checkpoint's optimizer and trainer state are loaded, and before the first batch is drawn. Accelerate has
+    wrapped the model in DistributedDataParallel by then when there are several processes; the engine is
+    attached to the bare model and ``training_step`` runs the bare model, so DDP's hooks are never used.
+    """
+
+    def __init__(self, trainer: "DPTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        trainer._start_dp(trainer.model)
+        if trainer._saved_dp_state is not None:
+            trainer._load_dp_state(trainer._saved_dp_state)
+        return control
+
+
+def _no_global_clipping(parameters, max_norm, *args, **kwargs):
+    """Stands in for ``Accelerator.clip_grad_norm_`` under transformers 4.x, whose loop clips the summed gradient.
+
+    ``max_grad_norm`` is the per-example bound C, applied by the engine; clipping the sum again would rescale
+    signal and noise by a data-dependent factor. Returns None, so no (un-noised) gradient norm is logged.
+    """
+    return None
+
+
 class _PrivacyBudgetCallback(TrainerCallback):
     """Stops training after the last step that fits in ``target_epsilon`` (and logs that it did)."""
 
@@ -264,7 +301,7 @@ class DPTrainer(Trainer):
                 "DPTrainer.compute_per_example_loss(model, inputs) -> (batch,) tensor instead."
             )
         for name, why in _PROTECTED.items():
-            if getattr(type(self), name) is not getattr(DPTrainer, name):
+            if getattr(type(self), name, None) is not getattr(DPTrainer, name, None):
                 raise TypeError(f"{type(self).__name__} overrides {name}, which would bypass DP-SGD: {why}.")
 
         self.privacy_engine: PrivacyEngine | None = None
@@ -308,6 +345,11 @@ class DPTrainer(Trainer):
         if self.train_dataset is not None:
             self._check_train_dataset()
         self.add_callback(_PrivacyBudgetCallback(self))
+        if _TRANSFORMERS_4:
+            self.callback_handler.callbacks.insert(0, _StartDPCallback(self))  # before any user callback
+            # 4.x clips the summed gradient inline with the accelerator (5.x calls _clip_grad_norm, overridden
+            # below): that would rescale the clipped sum and its noise by a data-dependent factor.
+            self.accelerator.clip_grad_norm_ = _no_global_clipping
 
     # ================================================================== checks before training
     def _check_model_supported(self) -> None:
@@ -494,17 +536,20 @@ class DPTrainer(Trainer):
         }
         if self.args.dataloader_num_workers > 0:
             params["prefetch_factor"] = self.args.dataloader_prefetch_factor
-            params["multiprocessing_context"] = self.args.dataloader_multiprocessing_context
+            params["multiprocessing_context"] = getattr(self.args, "dataloader_multiprocessing_context", None)  # 5.x
         return DataLoader(dataset, **params)
 
-    def set_initial_training_values(self, args, dataloader):
-        """Steps = round(num_train_epochs / q) (or max_steps); a Trainer epoch = one sampler pass, round(1/q) steps."""
+    def set_initial_training_values(self, args, dataloader, total_train_batch_size=None):
+        """Steps = round(num_train_epochs / q) (or max_steps); a Trainer epoch = one sampler pass, round(1/q) steps.
+
+        transformers 4.x passes ``total_train_batch_size`` and reads the fifth value as ``epoch_based``.
+        """
         plan = self.privacy_plan
         per_epoch = len(dataloader)
         max_steps = plan.planned_steps
         epochs = math.ceil(max_steps / per_epoch)
-        return epochs, per_epoch, plan.num_examples, max_steps * plan.logical_batch_size, \
-            plan.logical_batch_size, per_epoch, max_steps
+        fifth = plan.logical_batch_size if total_train_batch_size is None else args.max_steps <= 0
+        return epochs, per_epoch, plan.num_examples, max_steps * plan.logical_batch_size, fifth, per_epoch, max_steps
 
     def get_total_train_batch_size(self, args) -> int:
         """The expected logical batch, q * N, across all ranks (what the accounting uses)."""
@@ -525,10 +570,7 @@ class DPTrainer(Trainer):
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
         self.create_scheduler(num_training_steps=max_steps)
         self.model_wrapped = model
-        if self.args.world_size > 1:
-            self._broadcast_parameters()
-        self._attach_engine()
-        self._check_loss_is_per_example(model)
+        self._start_dp(model)
         if resume_from_checkpoint is not None:
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
             self._load_scaler(resume_from_checkpoint)
@@ -537,6 +579,13 @@ class DPTrainer(Trainer):
             setattr(self.callback_handler, attr, getattr(self, attr))
         self.callback_handler.train_dataloader = train_dataloader
         return model, train_dataloader
+
+    def _start_dp(self, model: nn.Module) -> None:
+        """Once the model and optimizer are prepared: same start on every rank, the engine, the loss check."""
+        if self.args.world_size > 1:
+            self._broadcast_parameters()
+        self._attach_engine()
+        self._check_loss_is_per_example(model)
 
     def _broadcast_parameters(self) -> None:
         """Start every rank from rank 0's parameters and buffers (what DDP's constructor does)."""
@@ -647,6 +696,8 @@ class DPTrainer(Trainer):
                 f"{plan.target_epsilon}). A callback must have cleared control.should_training_stop; refusing."
             )
         self._dp_batches.mark_trained()
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # transformers 4.x: see _StartDPCallback
+            model = model.module
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
