@@ -163,6 +163,9 @@ class TrainConfig:
         "local path."))
     method: Literal["lora", "full"] = field(default="lora", metadata=_help(
         "'lora' (PEFT LoRA adapters only; the base stays frozen) or 'full' (every parameter)."))
+    quantization: str | None = field(default=None, metadata=_help(
+        "'4bit': QLoRA, the frozen base loaded in NF4 by bitsandbytes (>= 0.46, CPU or CUDA) under LoRA adapters; "
+        "needs method='lora'. none: full-precision base."))
     lora_rank: int = field(default=8, metadata=_help("LoRA rank r."))
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha (the update is scaled by alpha / r)."))
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA branch (per example, so DP-safe)."))
@@ -210,6 +213,10 @@ class TrainConfig:
         _check(isinstance(self.model, str) and self.model.strip() != "",
                f"train.model={self.model!r}: need a name or path.")
         _choice(owner, "method", self.method, ("lora", "full"))
+        _check(self.quantization in (None, "4bit"), f"train.quantization={self.quantization!r}: pick '4bit' (QLoRA) "
+               "or none (full precision).")
+        _check(self.quantization is None or self.method == "lora", "train.quantization='4bit' needs method='lora': "
+               "4-bit weights are frozen, so full fine-tuning would train nothing of the base. Use method='lora'.")
         _positive_int(owner, "lora_rank", self.lora_rank)
         _positive_int(owner, "lora_layers", self.lora_layers, allow_none=True)
         _number(owner, "lora_alpha", self.lora_alpha, low=0)

@@ -139,11 +139,12 @@ def _show(v: Any) -> str:
 def _build_model(cfg: TrainConfig):
     from ghostdp.integrations.hf.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm(cfg.model)
-    if getattr(model, "is_quantized", False):
+    model, tokenizer = load_causal_lm(cfg.model, quantization=cfg.quantization)
+    if getattr(model, "is_quantized", False) and cfg.quantization is None:
         raise ConfigError(
-            f"train.model={cfg.model!r} is quantized: DP fine-tuning needs float weights (per-example gradients of "
-            "quantized layers are not supported). Load an unquantized checkpoint."
+            f"train.model={cfg.model!r} is quantized: ghostdp trains LoRA adapters over a frozen 4-bit base (set "
+            "train.quantization='4bit' to load it as one) or float weights; it has no per-example gradient of "
+            "quantized weights. Load an unquantized checkpoint, or use quantization='4bit' with method='lora'."
         )
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn here
     if cfg.method == "lora":
@@ -301,7 +302,8 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
 
     model, tokenizer = _build_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info_model = {"base_model": cfg.model, "method": cfg.method, "trainable_parameters": trainable}
+    info_model = {"base_model": cfg.model, "method": cfg.method, "quantization": cfg.quantization,
+                  "trainable_parameters": trainable}
     collator = make_collator(tokenizer, {"template": cfg.template, "dataset_name": cfg.dataset_name,
                                          "max_length": cfg.max_length})
     args = DPTrainingArguments(

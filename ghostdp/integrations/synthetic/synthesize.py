@@ -240,7 +240,7 @@ def load_generator(model_dir: str | Path, *, use_cpu: bool = False) -> LoadedGen
 
         from ghostdp.integrations.hf.models import load_causal_lm
 
-        base, _ = load_causal_lm(info["base_model"])
+        base, _ = load_causal_lm(info["base_model"], quantization=info.get("quantization"))  # as trained
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
