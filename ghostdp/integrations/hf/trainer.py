@@ -62,7 +62,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 import transformers
@@ -72,7 +71,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_
 
 from ghostdp.engine import planning
 from ghostdp.engine.fsdp import is_fsdp2
-from ghostdp.engine.loss import per_example_lm_loss
+from ghostdp.engine.loss import TASK_LOSSES, per_example_sequence_loss
 from ghostdp.engine.privacy_engine import PrivacyEngine
 from ghostdp.engine.sampling import PoissonBatchSampler
 from ghostdp.integrations.hf.args import DPTrainingArguments
@@ -256,6 +255,79 @@ class _PrivacyBudgetCallback(TrainerCallback):
         return control
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The task model under PEFT / DDP wrappers (``PeftModel.get_base_model()``, ``.module``)."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def model_task(model: nn.Module) -> str | None:
+    """The task a Hugging Face model declares, as a key of ``ghostdp.engine.loss.TASK_LOSSES``, or None.
+
+    Read from the class of the (PEFT-unwrapped) model, or else ``config.architectures``: a class listed in
+    transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` is "causal_lm", ``..._TOKEN_CLASSIFICATION_...``
+    "token_classification", ``..._SEQUENCE_CLASSIFICATION_...`` "sequence_classification",
+    ``..._SEQ_TO_SEQ_CAUSAL_LM_...`` "seq2seq_lm"; a class not listed (a custom subclass) by the same suffix
+    of its name ("ForCausalLM", "ForTokenClassification", "ForSequenceClassification", and
+    "ForConditionalGeneration" with ``config.is_encoder_decoder``). A class in several lists is ambiguous: None.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    mappings = {
+        "causal_lm": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "token_classification": auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+        "sequence_classification": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "seq2seq_lm": auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    }
+    names = {task: {n for v in m.values() for n in ((v,) if isinstance(v, str) else v)} for task, m in mappings.items()}
+    base = _unwrap(model)
+    config = getattr(base, "config", None)
+    candidates = [cls.__name__ for cls in type(base).__mro__ if issubclass(cls, nn.Module) and cls is not nn.Module]
+    candidates += list(getattr(config, "architectures", None) or [])
+    for name in candidates:
+        tasks = [task for task, listed in names.items() if name in listed]
+        if len(tasks) == 1:
+            return tasks[0]
+        if len(tasks) > 1:
+            return None
+    name = type(base).__name__
+    for suffix, task in (("ForCausalLM", "causal_lm"), ("ForTokenClassification", "token_classification"),
+                         ("ForSequenceClassification", "sequence_classification")):
+        if name.endswith(suffix):
+            return task
+    if name.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+        return "seq2seq_lm"
+    return None
+
+
+def _resolve_task_loss(model: nn.Module, per_example_loss, overridden: bool) -> tuple[str | None, Callable | None]:
+    """(task, per-example loss function) for DPTrainer; raise if the task is unknown and no loss was given."""
+    if callable(per_example_loss):
+        return None, per_example_loss
+    if per_example_loss is not None:
+        if per_example_loss not in TASK_LOSSES:
+            raise ValueError(
+                f"per_example_loss={per_example_loss!r} is not a task DPTrainer knows ({sorted(TASK_LOSSES)}); pass "
+                "one of them or a callable (logits, labels) -> (batch,) losses."
+            )
+        return per_example_loss, TASK_LOSSES[per_example_loss]
+    task = model_task(model)
+    if task is not None:
+        return task, TASK_LOSSES[task]
+    if overridden:
+        return None, None
+    raise ValueError(
+        f"DPTrainer cannot tell the training objective of {type(_unwrap(model)).__name__}: it is not a causal LM, "
+        "token-classification, sequence-classification or seq2seq model class that transformers lists. Guessing "
+        "it from tensor shapes could silently train the wrong objective (e.g. a shifted next-token loss on token "
+        "labels). Pass per_example_loss= (a task name: " + ", ".join(sorted(TASK_LOSSES)) + "; or a callable "
+        "(logits, labels) -> (batch,) losses, each depending on its own example only, e.g. from "
+        "ghostdp.engine.loss), or override DPTrainer.compute_per_example_loss."
+    )
+
+
 class DPTrainer(Trainer):
     """``transformers.Trainer`` that trains with DP-SGD; see the module docstring for what changes and why.
 
@@ -263,6 +335,11 @@ class DPTrainer(Trainer):
     re-initialises models for hyper-parameter search, whose trials' privacy costs compose; the other returns
     a batch loss ghostdp cannot split into per-example terms). ``args`` must be :class:`DPTrainingArguments`.
     The collator must return ``labels``; use ``PrefixLMCollator`` or ``DataCollatorForLanguageModeling``.
+
+    ``per_example_loss``: the objective, if the model class does not declare one DPTrainer knows (see
+    :func:`model_task`): a task name ("causal_lm", "token_classification", "sequence_classification",
+    "seq2seq_lm") or a callable ``(logits, labels) -> (batch,)`` whose i-th loss depends on example i alone.
+    Without it, a model whose task is unknown is refused (ValueError) rather than trained on a guessed loss.
 
     After ``train()``: ``privacy_plan`` (the :class:`PrivacyPlan`), ``privacy_engine`` (steps, ledger,
     per-example norms of the last physical batch) and ``current_epsilon()``.
@@ -283,6 +360,7 @@ class DPTrainer(Trainer):
         optimizers: tuple = (None, None),
         optimizer_cls_and_kwargs: tuple | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
+        per_example_loss: Callable | str | None = None,
     ):
         if not isinstance(args, DPTrainingArguments):
             raise TypeError(
@@ -335,12 +413,10 @@ class DPTrainer(Trainer):
                 f"mixed_precision={self.accelerator.mixed_precision!r} (from the accelerate config) is not supported; "
                 "use bf16 or full precision."
             )
-        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False) and \
-                type(self).compute_per_example_loss is DPTrainer.compute_per_example_loss:
-            raise ValueError(
-                "Encoder-decoder models are not covered by the default per-example loss (it shifts labels like a "
-                "causal LM). Override DPTrainer.compute_per_example_loss."
-            )
+        self._task, self._per_example_loss = _resolve_task_loss(
+            self.model, per_example_loss,
+            overridden=type(self).compute_per_example_loss is not DPTrainer.compute_per_example_loss,
+        )
         self._check_model_supported()
         if self.train_dataset is not None:
             self._check_train_dataset()
@@ -612,12 +688,14 @@ class DPTrainer(Trainer):
 
     # ================================================================== one step
     def compute_per_example_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """(B,) losses, ``L_i`` depending on example i alone. Override for other tasks (same contract).
+        """(B,) losses, ``L_i`` depending on example i alone, for the model's declared task.
 
-        Causal LM (logits (B, T, V), labels (B, T)): the mean over example i's own target tokens (labels
-        != -100), ``ghostdp.engine.loss.per_example_lm_loss``. Sequence classification (logits (B, K),
-        labels (B,)): cross-entropy per example (squared error when K = 1 and labels are floats). The
-        model is called without labels so that its own batch-averaged loss is never formed.
+        The task comes from the model class (see :func:`model_task`), never from tensor shapes: causal LM
+        (shifted, mean over example i's own target tokens), token classification and seq2seq (aligned, -100
+        ignored), sequence classification (one label per example; regression, single- or multi-label as
+        ``config.problem_type`` / ``num_labels`` say). A ``per_example_loss=`` given to DPTrainer replaces
+        the task's. Override this method for anything else (same contract). The model is called without
+        labels so that its own batch-averaged loss is never formed.
         """
         if "labels" not in inputs:
             raise ValueError(
@@ -625,19 +703,15 @@ class DPTrainer(Trainer):
                 "use PrefixLMCollator, DataCollatorForLanguageModeling(mlm=False), or a collator that sets labels."
             )
         labels = inputs["labels"]
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self._task == "seq2seq_lm" and "decoder_input_ids" not in kwargs and "decoder_inputs_embeds" not in kwargs:
+            kwargs["decoder_input_ids"] = _unwrap(model).prepare_decoder_input_ids_from_labels(labels=labels)
+        outputs = model(**kwargs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-        if logits.dim() == 3 and labels.dim() == 2:
-            return per_example_lm_loss(logits, labels)
-        if logits.dim() == 2 and labels.dim() == 1:
-            logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-            if logits.shape[-1] == 1 and labels.is_floating_point():
-                return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
-            return F.cross_entropy(logits, labels, reduction="none")
-        raise ValueError(
-            f"No default per-example loss for logits {tuple(logits.shape)} and labels {tuple(labels.shape)}; "
-            "override DPTrainer.compute_per_example_loss."
-        )
+        if self._per_example_loss is per_example_sequence_loss:
+            problem_type = getattr(getattr(_unwrap(model), "config", None), "problem_type", None)
+            return per_example_sequence_loss(logits, labels, problem_type)
+        return self._per_example_loss(logits, labels)
 
     @torch.no_grad()
     def _check_loss_is_per_example(self, model: nn.Module) -> None:
