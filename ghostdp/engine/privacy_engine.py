@@ -32,6 +32,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ghostdp import kernels
+from ghostdp.kernels.dispatch import TWIN_DTYPES  # the noise kernel also reads float64
 from ghostdp.engine import fsdp
 from ghostdp.engine.errors import BatchMismatchError, UnclippedGradientError, UnsupportedModuleError
 from ghostdp.engine.grads import Dense, Factored, PerExampleGrad, compute_dtype, summed_norm2
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 Clipping = Literal["auto", "ghost", "per_sample"]
 CLIP_EPS = 1e-6
+# Version of state_dict(). 2: step noise drawn through ghostdp.kernels.add_noise_ for both impls, per
+# parameter from noise_seed(base_seed, index) (1: the PyTorch path drew torch.randn from the generator).
+STATE_VERSION = 2
 
 
 @dataclass
@@ -249,6 +253,11 @@ class PrivacyEngine:
         for n, p in self.model.named_parameters(remove_duplicate=False):
             self._all_names.setdefault(p, n)
         self._written: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
+        # impl of each parameter's step noise, resolved once here (kernels.resolve_impl raises now if "triton"
+        # cannot run on it). Norms and clipped sums resolve per use: they depend on the activations' dtype.
+        self._noise_impls: dict[nn.Parameter, str] = {
+            p: kernels.resolve_impl(self.impl, p, op="PrivacyEngine noise", kernel_dtypes=TWIN_DTYPES) for p in trainable
+        }
         for module, sampler in to_patch.values():
             if "forward" in module.__dict__:
                 raise RuntimeError(
@@ -521,7 +530,12 @@ class PrivacyEngine:
         return self.generator
 
     def _noise_impl(self, p: torch.Tensor) -> str:
-        return kernels.resolve_impl(self.impl, p, op="PrivacyEngine noise")
+        """The noise implementation of ``p``, resolved once at attach (``self._noise_impls``)."""
+        impl = self._noise_impls.get(p)
+        if impl is None:  # a parameter the engine does not clip is never noised; resolve for completeness
+            impl = self._noise_impls[p] = kernels.resolve_impl(
+                self.impl, p, op="PrivacyEngine noise", kernel_dtypes=TWIN_DTYPES)
+        return impl
 
     def _world_size(self) -> int:
         import torch.distributed as dist
@@ -550,34 +564,24 @@ class PrivacyEngine:
             for p in params:
                 self._mark_written(p)
             params = []
+        # One noise path (ghostdp.kernels.add_noise_), both implementations: the parameter with model index k
+        # gets the stream noise_seed(base_seed, k), base_seed drawn once per step from the engine's generator
+        # (Philox in the Triton kernel, a torch.Generator seeded with it in the twin). The sum and the noise
+        # are computed in fp32 (fp64 for fp64 gradients) and rounded once into p.grad.
         base_seed = None
+        if noise_here and params:
+            gen = self._noise_generator(params[0].device)
+            base_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+        scale = 1.0 / self.expected_batch_size
         for index, p in enumerate(params):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if self._noise_impl(p) == "triton":
-                # In-kernel Philox noise, keyed by (a per-step seed drawn from the generator, parameter):
-                # no parameter-sized noise tensor; computed in fp32, rounded once into p.grad.
-                if base_seed is None:
-                    gen = self._noise_generator(p.device)
-                    base_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-                if noise_here:
-                    kernels.add_noise_(p.grad, noise_std=std, seed=kernels.noise_seed(base_seed, index), impl="triton")
-                if world > 1:
-                    dist.all_reduce(p.grad)
-                p.grad.div_(self.expected_batch_size)
-                self._mark_written(p)
-                continue
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            g = p.grad.to(dtype)  # no copy for fp32/fp64 gradients: updated in place below
-            if noise_here:
-                gen = self._noise_generator(p.device)
-                z = torch.randn(p.shape, generator=gen, dtype=dtype, device=gen.device)
-                g.add_(z.to(p.device), alpha=std)
+            seed = kernels.noise_seed(base_seed, index) if noise_here else None
+            kernels.add_noise_(p.grad, noise_std=std if noise_here else 0.0, seed=seed,
+                               scale=scale if world == 1 else 1.0, impl=self._noise_impl(p))
             if world > 1:
-                dist.all_reduce(g)
-            g.div_(self.expected_batch_size)
-            if g is not p.grad:
-                p.grad = g.to(p.dtype)
+                dist.all_reduce(p.grad)
+                p.grad.mul_(scale)
             self._mark_written(p)
         self.steps += 1
         if self.sample_rate is not None:
@@ -596,8 +600,16 @@ class PrivacyEngine:
         return self.accountant.epsilon(delta, accountant=accountant)
 
     def state_dict(self) -> dict:
+        """Steps, the accountant's ledger and the noise generator's state, tagged ``version`` = STATE_VERSION.
+
+        Version 2 draws every parameter's step noise through ``ghostdp.kernels.add_noise_`` from
+        ``noise_seed(base_seed, index)``; version 1 (no ``version`` key) drew the twin's noise straight from
+        the generator. Both load; a version-1 checkpoint continues the same generator state, with the
+        version-2 stream from there on.
+        """
         gen = self.generator
         return {
+            "version": STATE_VERSION,
             "steps": self.steps,
             "accountant": self.accountant.state_dict(),
             "generator_state": None if gen is None else gen.get_state(),
@@ -605,6 +617,15 @@ class PrivacyEngine:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        version = state.get("version", 1)
+        if version not in (1, STATE_VERSION):
+            raise ValueError(
+                f"PrivacyEngine state version {version!r} is newer than this ghostdp understands (<= {STATE_VERSION}); "
+                "upgrade ghostdp to resume from it."
+            )
+        if version == 1:
+            log.info("Loading a version-1 PrivacyEngine state: the noise continues from its generator state, drawn "
+                     "through the version-2 path (kernels.add_noise_ per parameter), so not the v1 stream.")
         self.steps = int(state["steps"])
         self.accountant.load_state_dict(state["accountant"])
         if state.get("generator_state") is not None:

@@ -88,13 +88,20 @@ def randn_twin(shape: tuple[int, ...], *, seed: int, device: torch.device) -> to
 
 def add_noise_torch_(grad: torch.Tensor, *, noise_std: float, seed: int | None,
                      scale: float = 1.0) -> torch.Tensor:
-    """Twin of :func:`add_noise_`: ``grad <- scale * (grad + noise_std * z)`` via torch.randn."""
+    """Twin of :func:`add_noise_`: ``grad <- scale * (grad + noise_std * z)`` via torch.randn.
+
+    In place for fp32/fp64 gradients (no gradient-sized copy); fp16/bf16 ones are computed in fp32 and
+    rounded once.
+    """
     compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    y = grad.to(compute, copy=True)
+    y = grad if grad.dtype == compute else grad.to(compute)
     if noise_std > 0:
-        y += noise_std * randn_twin(tuple(grad.shape), seed=seed, device=grad.device).to(compute)
-    y *= scale
-    grad.copy_(y)
+        z = randn_twin(tuple(grad.shape), seed=seed, device=grad.device).to(compute)
+        y.add_(z.mul_(noise_std))  # not add_(alpha=): that may fuse into one FMA and round differently
+    if scale != 1.0:
+        y.mul_(scale)
+    if y is not grad:
+        grad.copy_(y)
     return grad
 
 

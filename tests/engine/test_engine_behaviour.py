@@ -40,7 +40,10 @@ def test_noise_of_zero_gradient_has_std_sigma_C_over_expected_batch():
 
 
 def test_noise_is_added_once_per_step_with_the_given_generator():
-    """(noisy step) - (noiseless step) over two physical batches == sigma*C/E * randn(generator) exactly."""
+    """(noisy step) - (noiseless step) over two physical batches == sigma*C/E * z exactly, z the kernels' noise
+    entry point's stream for noise_seed(base_seed, k), base_seed drawn once from the generator (state v2)."""
+    from ghostdp.kernels.noise import noise_seed, randn_twin
+
     model = tiny_llama(False)
     batches = [lm_batch([5, 3], seed=1), lm_batch([4, 6], seed=2)]
     grads = {}
@@ -52,9 +55,9 @@ def test_noise_is_added_once_per_step_with_the_given_generator():
             lm_losses(m, b).mean().backward()
         opt.step()
         grads[sigma] = [p.grad.clone() for p in m.parameters()]
-    gen = torch.Generator().manual_seed(123)
-    for clean, noisy, p in zip(grads[0.0], grads[0.9], model.parameters()):
-        z = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    base = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(123)))
+    for k, (clean, noisy, p) in enumerate(zip(grads[0.0], grads[0.9], model.parameters())):
+        z = randn_twin(tuple(p.shape), seed=noise_seed(base, k), device=p.device).double()
         torch.testing.assert_close(noisy - clean, 0.9 * 0.5 * z / 4, rtol=1e-9, atol=1e-12)
 
 
