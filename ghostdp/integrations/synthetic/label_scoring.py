@@ -108,6 +108,11 @@ class LabelScorer:
         if self.device is None:
             self.device = next(self.model.parameters()).device
 
+    @property
+    def text_budget(self) -> int:
+        """The number of text tokens every text is cut to before scoring."""
+        return self._budget
+
     def _text_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's ids cut to the budget, plus EOS when the whole text fit."""
         if not texts:
@@ -183,7 +188,7 @@ class MarginFilter:
             "kind": "label likelihood-ratio margin of the DP generator",
             "rule": "keep if log p(x | prefix(y)) - max_{y' != y} log p(x | prefix(y')) > threshold",
             "threshold": float(self.threshold),
-            "max_text_tokens": self.scorer._budget,
+            "max_text_tokens": self.scorer.text_budget,
             "privacy": "post-processing of the DP generator and its own samples: costs no privacy, reads no "
                        "private data",
         }
