@@ -46,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -302,7 +303,7 @@ def run_commands(stage: Stage, limit: float, results: Path, logfile: Path) -> di
     record: dict = {"status": "passed", "summary": ""}
     deadline = time.monotonic() + limit
     for args in stage.commands:
-        out = results.parent / f".gpu_check_{stage.name}.json"
+        out = logfile.parent / f"{stage.name}.json"  # the stage's record, beside the log in a scratch folder
         out.unlink(missing_ok=True)
         cmd = [sys.executable, *args]
         if args[0].endswith("gpu_check.py"):
@@ -417,9 +418,9 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     write = not ns.dry_run or ns.results_dir is not None
     results_dir = Path(ns.results_dir or REPO / "bench" / "results")
-    scratch = results_dir if write else Path(os.environ.get("TMPDIR", "/tmp"))
-    scratch.mkdir(parents=True, exist_ok=True)
-    logfile = scratch / f".gpu_check_{os.getpid()}.log"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="ghostdp-gpu-check-"))
+    logfile = scratch / "log"
     logfile.write_text("")
     report = {"device": "unknown", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": os.environ.get("GHOSTDP_COMMIT") or _git_commit(), "argv": sys.argv[1:] if argv is None
@@ -435,7 +436,7 @@ def main(argv=None) -> int:
         elif stage.name == "wheels":
             record = install_wheels(ns.dry_run)
         else:
-            record = run_commands(stage, limit, scratch / f"engines_gpu_check_{slug or 'pending'}", logfile)
+            record = run_commands(stage, limit, results_dir / f"engines_gpu_check_{slug or 'pending'}", logfile)
         if stage.name == "env" and record["status"] == "passed":
             env_ok, cuda, report["device"] = True, record["cuda"], record["device"]
             report["versions"] = {**record["versions"], "python": record["python"]}
@@ -450,7 +451,7 @@ def main(argv=None) -> int:
     if write and not slug:
         _write(report, results_dir, "unknown-device", logfile, ns.copy_to)
     sys.stdout.write(markdown(report))
-    logfile.unlink(missing_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     return 1 if any(r["status"] in ("failed", "timed out") for r in report["stages"]) else 0
 
 

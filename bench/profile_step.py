@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     for engine in engines:
         total = sum(ops[engine].values())
         top = sorted(ops[engine].items(), key=lambda kv: -kv[1])[:ns.top]
-        lines += [f"## Top operators, {engine} (self time per step: wall seconds inside the operator, as torch.profiler counts them)", ""]
+        lines += [f"## Top operators, {engine} (self time per step: wall seconds inside the operator, as "
+                  "torch.profiler counts them)", ""]
         lines += table("| operator | self s | share |", [(k, f"{v:.3f}", f"{v / total:.1%}") for k, v in top])
     diff = {k: ops[private].get(k, 0.0) - ops[bench.NON_PRIVATE].get(k, 0.0)
             for k in set(ops[private]) | set(ops[bench.NON_PRIVATE])}

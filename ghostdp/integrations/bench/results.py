@@ -222,7 +222,8 @@ def markdown(result: dict, *, title: str = "ghostdp vs non-private vs Opacus") -
     for run, env in result["runs"].items():
         s = env.get("settings", {})
         lines.append(
-            f"- {label[run]} = run `{run}`: {env['device']}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
+            f"- {label[run]} = run `{run}`: {env['device']}; torch {env.get('torch')}, "
+            f"transformers {env.get('transformers')}, "
             f"peft {env.get('peft')}, opacus {env.get('opacus')}, triton {env.get('triton')}; commit "
             f"{env.get('commit')}; {env.get('date')}; load average at start {env.get('load_average_start')}"
             + (f", at end {env.get('load_average_end')}" if env.get("load_average_end") else "")
