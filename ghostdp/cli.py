@@ -197,6 +197,10 @@ def _check_data_paths(config: RunConfig, command: str) -> None:
         return
     from ghostdp.integrations.synthetic.text_data import default_sst2_dir
 
+    model = config.train.model
+    if command in ("train", "pipeline") and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise ConfigError(f"train.model={model!r}: no such folder. Name a local model folder, a Hugging Face model "
+                          "name, or 'smollm2-135m'.")
     data = config.data
     for role in ("train_data", "eval_data"):
         if role == "eval_data" and command == "train":

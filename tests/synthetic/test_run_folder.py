@@ -158,6 +158,7 @@ RELEASABLE_FILES = {
 #: Every key (flattened, '*' for a label name or a free map) allowed in the released JSON, with a reason.
 _MODEL_KEYS = {
     "format": "file format version", "ghostdp_version": "software version", "run_id": "random id of this model",
+    "quantization": "public setting (how the base model is loaded)",
     "base_model": "public input", "method": "public setting", "trainable_parameters": "function of the public model "
     "and settings", "template": "public setting", "dataset_name": "public setting", "max_length": "public setting",
     "add_bos": "public setting", "label_names": "public: data.label_names is required for file data",
@@ -184,8 +185,9 @@ _META_KEYS = {
     "label_proportions": "setting", "targets.*": "from the DP label release", "counts.*": "of the DP samples",
     "shortfall.*": "of the DP samples", "stats.*": "counts over the DP samples",
     "seconds_this_call": "sampling time: a function of the DP model and public settings",
+    "filter.*": "the label-margin filter: public settings and counts over the DP samples",
 }
-_ROW_KEYS = {"text", "label", "batch", "n_batch", "eos"}
+_ROW_KEYS = {"text", "label", "batch", "n_batch", "eos", "margin"}  # margin: the DP generator's own score
 
 
 def _flat_keys(d, prefix=""):
@@ -321,9 +323,12 @@ def test_interrupted_training_resumes_exactly_from_its_last_checkpoint(setup, mo
     assert "train.target_epsilon: 3.0 (run folder) -> 5.0 (this command)" in err
     assert _snapshot(run) == before
 
+    drawn = json.loads((run / "private" / "train_attempt.json").read_text())["label_release"]
     caplog.clear()
     assert _train(four, run) == 0
     assert "Resuming the interrupted DP training from" in caplog.text and "2 steps done" in caplog.text
+    # The label counts were released once for the run, not again for the resumed attempt.
+    assert json.loads((run / "model" / "ghostdp_model.json").read_text())["label_release"] == drawn
     assert "NOT PRIVATE: trained with the known dp_seed=1" in capsys.readouterr().out
     a, b = _adapter(root / "straight"), _adapter(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # exactly the same model
@@ -331,6 +336,31 @@ def test_interrupted_training_resumes_exactly_from_its_last_checkpoint(setup, mo
     pb = json.loads((run / "model" / "ghostdp_model.json").read_text())["privacy"]
     assert pb["steps"] == 4 and pb["epsilon_train"] == pa["epsilon_train"]
     assert not (run / "private" / "trainer").exists()
+
+
+def test_killed_between_the_model_files_and_their_metadata_resumes_at_the_final_checkpoint(setup, monkeypatch,
+                                                                                        caplog):
+    """model/ counts as trained once ghostdp_model.json is there (written last): before that, a rerun resumes from
+    the checkpoint of the last step (no step is trained twice) and writes the generator."""
+    from ghostdp.integrations.synthetic import pipeline
+
+    root, cfg = setup
+    run = root / "run"
+    original = pipeline.write_text_atomic
+
+    def dies_at_the_metadata(path, text):
+        if path.name == "ghostdp_model.json":
+            raise KeyboardInterrupt
+        return original(path, text)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "write_text_atomic", dies_at_the_metadata)
+        assert _train(cfg(), run) == 130
+    assert (run / "model" / "adapter_model.safetensors").is_file() and not (run / "model" / "ghostdp_model.json").exists()
+    caplog.clear()
+    assert _train(cfg(), run) == 0
+    assert "2 steps done" in caplog.text
+    assert json.loads((run / "model" / "ghostdp_model.json").read_text())["privacy"]["steps"] == 2
 
 
 def test_interrupted_before_a_checkpoint_says_it_starts_over(setup, monkeypatch, capsys):
@@ -439,7 +469,16 @@ def test_evaluate_with_other_private_data_or_without_the_data_key(trained, capsy
     other = _tsv(root / "other.tsv", _rows(60, 5))
     before = _snapshot(run)
     assert main(["evaluate", "--run-dir", str(run), "--train-data", str(other)]) == 2
-    assert "not the data the generator was trained on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not the data the generator was trained on" in err
+    assert f"data.train_data: '{root / 'train.tsv'}' (run folder) -> '{other}' (this command)" in err
+    assert _snapshot(run) == before
+    (root / "train.tsv").write_bytes((root / "train.tsv").read_bytes() + b"1\tgood film\n")  # same path, new rows
+    try:
+        assert main(["evaluate", "--run-dir", str(run)]) == 2
+        assert "the settings are the same, so the file's content changed" in capsys.readouterr().err
+    finally:
+        (root / "train.tsv").write_bytes((root / "train.tsv").read_bytes()[:-len(b"1\tgood film\n")])
     (run / "private" / "data_key").unlink()
     before = _snapshot(run)
     assert main(["evaluate", "--run-dir", str(run)]) == 2
@@ -525,6 +564,24 @@ def test_empty_and_malformed_files_are_named_with_cause_and_fix(setup, capsys, c
     assert not (root / "run").exists()
 
 
+def test_config_file_with_a_bom_or_another_encoding_and_a_missing_model_folder(setup, capsys):
+    root, cfg = setup
+    path = Path(cfg())
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    from ghostdp.cli import build_parser, resolve_config
+
+    ns = build_parser().parse_args(["train", "--config", str(path), "--run-dir", str(root / "run")])
+    assert resolve_config(ns)[0].train.max_steps == 2  # the BOM is dropped
+    path.write_bytes(path.read_bytes().replace(b"sentence", "s\xe9ntence".encode("latin-1")))
+    assert _train(str(path), root / "run") == 2
+    assert f"--config {path}: not UTF-8" in capsys.readouterr().err
+    assert _train(cfg(), root / "run", "--model", str(root / "no_such_model")) == 2
+    assert "train.model=" in capsys.readouterr().err
+    assert main(["train", "--config", str(root), "--run-dir", str(root / "run")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not (root / "run").exists()
+
+
 def test_a_folder_or_a_missing_file_as_data(setup, capsys):
     root, cfg = setup
     (root / "folder").mkdir()
@@ -573,7 +630,9 @@ def test_an_incomplete_set_is_flagged_in_the_headline_and_a_lagging_csv_is_repai
     assert main(["evaluate", "--run-dir", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"{n} samples (INCOMPLETE: {n} of 16; re-run synthesize to finish)" in out
-    assert "INCOMPLETE synthetic set" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "INCOMPLETE synthetic set" in report and "NOT PRIVATE: trained with the known dp_seed=1" in report
+    assert "NOT PRIVATE: trained with the known dp_seed=1" in out
     assert "held 0 rows, not the" in caplog.text and len(csv_path.read_text().splitlines()) == n + 1
 
 

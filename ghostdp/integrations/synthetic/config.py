@@ -494,10 +494,14 @@ def _section_of(cls: type) -> str:
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a config file into ``{"run_dir"?, "preset"?, section: {key: value}}`` (values not yet coerced)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder: name the .toml file (a run folder's is {path}/config.toml).")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file.")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM (as some editors write) is dropped
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 ({exc}); TOML files are UTF-8: save it as UTF-8.") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path}: not valid TOML ({exc}).") from exc
     return _check_layout(raw, str(path))

@@ -26,6 +26,7 @@ data owner, not a release (it quotes private texts).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -382,6 +383,7 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         check_fingerprint,
         load_eval_data,
         load_private_data,
+        setting_differences,
     )
     from ghostdp.integrations.synthetic.synthesize import (
         META,
@@ -412,7 +414,12 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     # Evaluation baselines read the private data (labelled as such in the report).
     heldout = load_eval_data(config.data, names)
     private = load_private_data(config.data)
-    check_fingerprint(private, paths, gen.info["data"]["fingerprint"], f"the [data] settings of {paths.config}")
+    data_now = dataclasses.asdict(config.data)
+    data_now.pop("eval_data"), data_now.pop("eval_rows")
+    differences = setting_differences({"data": gen.info.get("training", {}).get("identity", {}).get("data")},
+                                      {"data": json.loads(json.dumps(data_now))})
+    check_fingerprint(private, paths, gen.info["data"]["fingerprint"], f"the [data] settings of {paths.config}",
+                      differences)
     logger.info("Evaluating %s (%d samples) on %s", paths.synthetic, len(synthetic), heldout.source,
                 extra={"ghostdp_commit": True})
     training = {"log": [], "seconds": None}  # private diagnostics of training (private/training.json)

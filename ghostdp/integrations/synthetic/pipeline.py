@@ -59,10 +59,12 @@ from ghostdp.integrations.synthetic.run_folder import (
     load_eval_data,
     load_private_data,
     lock_run_folder,
+    setting_differences,
     write_text_atomic,
 )
 from ghostdp.integrations.synthetic.synthesize import (
     GENERATOR_META,
+    LabelRelease,
     LoadedGenerator,
     ResumeMismatchError,
     SynthesisResult,
@@ -110,30 +112,6 @@ def _train_identity(config: RunConfig) -> dict[str, Any]:
     for k in _NOT_IDENTITY:
         t.pop(k, None)
     return json.loads(json.dumps({"data": d, "train": t}))
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def setting_differences(recorded: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
-    """``"train.target_epsilon: 3.0 (run folder) -> 5.0 (this command)"`` for each setting that differs."""
-    old, new = _flatten(recorded or {}), _flatten(now)
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            out.append(f"{key}: {_show(old.get(key, '<not recorded>'))} (run folder) -> "
-                       f"{_show(new.get(key, '<unset>'))} (this command)")
-    return out
-
-
-def _show(v: Any) -> str:
-    return "none" if v is None else repr(v)
 
 
 def _build_model(cfg: TrainConfig):
@@ -239,6 +217,18 @@ def _resume_point(paths: RunPaths, config: RunConfig) -> Path | None:
     return last
 
 
+def _finished_checkpoint(trainer, cfg: TrainConfig, checkpoint: Path, done: dict[str, Any]):
+    """The trained weights and privacy figures of a checkpoint written at the last step (nothing left to train):
+    the Trainer's model gets the checkpoint's weights; returns ``(privacy figures, the Trainer's log history)``."""
+    trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loader (PEFT adapters or a full model)
+    priv = {k: done[k] for k in ("epsilon", "delta", "accountant", "target_epsilon", "noise_multiplier",
+                                 "max_grad_norm", "sample_rate", "logical_batch_size", "steps", "history")}
+    priv["planned_steps"] = cfg.max_steps if cfg.max_steps is not None else planning.planned_steps(
+        sample_rate=done["sample_rate"], epochs=cfg.epochs, max_steps=None)
+    state = _read_json(checkpoint / "trainer_state.json")
+    return priv, state.get("log_history", [])
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -294,7 +284,10 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
     resume = _resume_point(paths, config)
 
     release = None
-    if cfg.label_epsilon is not None:
+    attempt = _read_json(paths.attempt) if resume is not None else {}
+    if cfg.label_epsilon is not None and attempt.get("label_release") is not None:
+        release = LabelRelease(**attempt["label_release"])  # drawn once per training run, not once per attempt
+    elif cfg.label_epsilon is not None:
         rng = np.random.default_rng(None if cfg.dp_seed is None else [cfg.dp_seed, 2])
         release = release_label_counts(data.label_counts(), cfg.label_epsilon, rng=rng)
         logger.info("Released the label counts with epsilon=%g (discrete Laplace): %s", cfg.label_epsilon,
@@ -318,29 +311,50 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
     )
     trainer = DPTrainer(model=model, args=args, train_dataset=data.examples(), data_collator=collator,
                         processing_class=tokenizer, callbacks=[_CheckpointEveryMinutes(cfg.checkpoint_minutes)])
+    finished = False
     if resume is not None:
         done = _read_json(resume / PRIVACY_FILE)
+        budget = planning.plan_dp_sgd(
+            num_examples=N, expected_batch_size=cfg.logical_batch_size, delta=delta, accountant=cfg.accountant,
+            steps=planning.planned_steps(sample_rate=cfg.logical_batch_size / N, epochs=cfg.epochs,
+                                         max_steps=cfg.max_steps),
+            target_epsilon=cfg.target_epsilon, noise_multiplier=done["noise_multiplier"], history=done["history"],
+        ).budget_steps
+        finished = done["steps"] >= budget  # killed after the last step's checkpoint, before the model was written
         logger.warning("Resuming the interrupted DP training from %s: %d steps done (epsilon so far %.4g, already in "
-                       "the ledger); the steps after it are trained again from the same state.", resume,
-                       done["steps"], done["epsilon"])
+                       "the ledger); %s", resume, done["steps"], done["epsilon"],
+                       "that was the last step: writing the generator from it." if finished else
+                       "the steps after it are trained again from the same state.")
     else:
-        write_text_atomic(paths.attempt, json.dumps({"identity": _train_identity(config)}, indent=2) + "\n")
+        write_text_atomic(paths.attempt, json.dumps({"identity": _train_identity(config), "label_release":
+                                                     release.to_dict() if release is not None else None}, indent=2)
+                          + "\n")
     logger.info("DP fine-tuning %s (%s, %d trainable parameters) on %d private rows; a checkpoint every %d steps or "
                 "%g minutes in %s", cfg.model, cfg.method, trainable, N, cfg.checkpoint_steps,
                 cfg.checkpoint_minutes, paths.trainer, extra=COMMIT)
-    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    plan, engine = trainer.privacy_plan, trainer.privacy_engine
-    eps_train = trainer.current_epsilon()
-    eps_rdp = planning.epsilon_of_history(engine.accountant.history, plan.delta, "rdp")
-    engine.detach()
-    model = trainer.model
+    if finished:
+        priv, log_history = _finished_checkpoint(trainer, cfg, resume, done)
+        model = trainer.model
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        plan, engine = trainer.privacy_plan, trainer.privacy_engine
+        priv = {"epsilon": trainer.current_epsilon(), "delta": plan.delta, "accountant": plan.accountant,
+                "target_epsilon": plan.target_epsilon, "noise_multiplier": plan.noise_multiplier,
+                "max_grad_norm": plan.max_grad_norm, "sample_rate": plan.sample_rate,
+                "logical_batch_size": plan.logical_batch_size, "steps": engine.steps,
+                "planned_steps": plan.planned_steps, "history": engine.accountant.history}
+        log_history = trainer.state.log_history
+        engine.detach()
+        model = trainer.model
     model.eval()
+    eps_train = priv["epsilon"]
+    eps_rdp = planning.epsilon_of_history(priv["history"], priv["delta"], "rdp")
 
-    spent = planning.run_epsilon(eps_train, release.epsilon if release is not None else None, plan.delta)
+    spent = planning.run_epsilon(eps_train, release.epsilon if release is not None else None, priv["delta"])
     eps_labels = spent.epsilon_labels
     log = [{"step": int(r["step"]), "loss": float(r["loss"]), "epsilon": float(r["epsilon"]),
             "learning_rate": float(r.get("learning_rate", float("nan")))}
-           for r in trainer.state.log_history if "loss" in r and "epsilon" in r]
+           for r in log_history if "loss" in r and "epsilon" in r]
     # Only functions of the DP model and public inputs go into model/ (see tests/synthetic/test_run_folder.py);
     # losses on private batches, N and the time go to private/.
     info = {
@@ -357,19 +371,19 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
                  "fingerprint_kind": "HMAC-SHA256(run key in private/data_key, ghostdp data_hash)"},
         "privacy": {
             "epsilon_total": spent.epsilon_total,
-            "delta": plan.delta,
+            "delta": priv["delta"],
             "epsilon_train": eps_train,
             "epsilon_train_rdp": eps_rdp,
             "epsilon_labels": eps_labels,
             "composition": spent.composition,
-            "accountant": plan.accountant,
-            "target_epsilon": plan.target_epsilon,
-            "noise_multiplier": plan.noise_multiplier,
-            "max_grad_norm": plan.max_grad_norm,
-            "sample_rate": plan.sample_rate,
-            "logical_batch_size": plan.logical_batch_size,
-            "steps": engine.steps,
-            "planned_steps": plan.planned_steps,
+            "accountant": priv["accountant"],
+            "target_epsilon": priv["target_epsilon"],
+            "noise_multiplier": priv["noise_multiplier"],
+            "max_grad_norm": priv["max_grad_norm"],
+            "sample_rate": priv["sample_rate"],
+            "logical_batch_size": priv["logical_batch_size"],
+            "steps": priv["steps"],
+            "planned_steps": priv["planned_steps"],
             "adjacency": "add/remove one example (Poisson subsampling)",
             "dp_seed": cfg.dp_seed,
         },
@@ -390,8 +404,8 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
     paths.attempt.unlink(missing_ok=True)
     record_config(config, paths, info)
     logger.info("Generator written to %s: (epsilon=%.4g, delta=%.3g)-DP (%.4g DP-SGD over %d steps, sigma=%.4g; "
-                "%.4g label counts)", paths.model, info["privacy"]["epsilon_total"], plan.delta, eps_train,
-                engine.steps, plan.noise_multiplier, eps_labels)
+                "%.4g label counts)", paths.model, info["privacy"]["epsilon_total"], priv["delta"], eps_train,
+                priv["steps"], priv["noise_multiplier"], eps_labels)
     device = next(model.parameters()).device
     return LoadedGenerator(model=model, tokenizer=tokenizer, collator=collator, info=info, device=device)
 

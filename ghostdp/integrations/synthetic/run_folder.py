@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ghostdp.integrations.synthetic.config import ConfigError, DataConfig
 from ghostdp.integrations.synthetic.text_data import (
@@ -41,6 +42,7 @@ __all__ = [
     "load_eval_data",
     "load_private_data",
     "lock_run_folder",
+    "setting_differences",
     "write_text_atomic",
 ]
 
@@ -168,16 +170,20 @@ def data_fingerprint(data: LabelledTexts, paths: RunPaths) -> str:
     return hmac.new(_data_key(paths), data_hash(data).encode("ascii"), hashlib.sha256).hexdigest()
 
 
-def check_fingerprint(data: LabelledTexts, paths: RunPaths, expected: str, settings: str) -> None:
+def check_fingerprint(data: LabelledTexts, paths: RunPaths, expected: str, settings: str,
+                      differences: list[str] | None = None) -> None:
     """ConfigError unless ``data`` is the data whose keyed fingerprint is ``expected`` (the key must exist).
 
-    ``settings`` describes where the data settings of the run are (named in the message).
+    ``settings`` says where the run's data settings are; ``differences`` (from :func:`setting_differences`)
+    are named in the message.
     """
     got = hmac.new(_data_key(paths, create=False), data_hash(data).encode("ascii"), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(got, expected):
         raise ConfigError(
-            "The private data configured now is not the data the generator was trained on (fingerprint mismatch): "
-            f"the baselines and the memorisation check would compare against other texts. Use {settings}."
+            "The private data configured now is not the data the generator was trained on (fingerprint mismatch"
+            + (f"; settings that differ: {'; '.join(differences)}" if differences else "; the settings are the same, "
+               "so the file's content changed") + "): the baselines and the memorisation check would compare "
+            f"against other texts. Use {settings}."
         )
 
 
@@ -246,3 +252,27 @@ def lock_run_folder(root: str | Path, stage: str) -> Iterator[None]:
                     root.rmdir()
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def setting_differences(recorded: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """``"train.target_epsilon: 3.0 (run folder) -> 5.0 (this command)"`` for each setting that differs."""
+    old, new = _flatten(recorded or {}), _flatten(now)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            out.append(f"{key}: {_show(old.get(key, '<not recorded>'))} (run folder) -> "
+                       f"{_show(new.get(key, '<unset>'))} (this command)")
+    return out
+
+
+def _show(v: Any) -> str:
+    return "none" if v is None else repr(v)
