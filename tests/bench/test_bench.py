@@ -199,3 +199,9 @@ def test_predict_max_batch_follows_the_affine_peak():
     assert bench.predict_max_batch({2: 5 * GiB, 8: 5 * GiB}, 80 * GiB) is None  # flat: no line to follow
     with pytest.raises(ValueError, match="two or more"):
         bench.predict_max_batch({8: peaks[8]}, 80 * GiB)
+
+
+def test_goals_skip_a_mode_without_stated_goals(tiny_result):
+    rows = [dict(r, mode="qlora", case=r["case"] + "-q") for r in tiny_result["rows"] if r["mode"] == "lora"]
+    assert bench.goals(rows) == []
+    assert "## Goals" not in bench.markdown({"runs": tiny_result["runs"], "rows": rows})

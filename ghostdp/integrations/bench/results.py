@@ -149,9 +149,9 @@ def goals(rows: list[dict]) -> list[dict]:
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         g = goal_engine(rows, case)
-        if g is None:
+        limits = None if g is None else GOALS.get(g["mode"])
+        if limits is None:  # no ghostdp row that ran, or a mode without stated goals
             continue
-        limits = GOALS[g["mode"]]
         by = {r["engine"]: r for r in rows if r["case"] == case and r["run"] == g["run"]}
 
         def check(goal: str, measured: float | None, ok: Callable[[float], bool]) -> None:
