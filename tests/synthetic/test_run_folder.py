@@ -376,12 +376,12 @@ def test_interrupted_before_a_checkpoint_says_it_starts_over(setup, monkeypatch,
 def test_checkpoint_timer_asks_for_a_save_when_its_minutes_have_passed():
     from transformers import TrainerControl
 
-    from ghostdp.integrations.synthetic.pipeline import _CheckpointEveryMinutes
+    from ghostdp.integrations.synthetic.pipeline import checkpoint_timer
 
-    timer = _CheckpointEveryMinutes(1e-9)
+    timer = checkpoint_timer(1e-9)
     control = timer.on_step_end(None, None, TrainerControl())
     assert control.should_save
-    slow = _CheckpointEveryMinutes(60.0)
+    slow = checkpoint_timer(60.0)
     assert not slow.on_step_end(None, None, TrainerControl()).should_save
 
 

@@ -152,26 +152,25 @@ def _build_model(cfg: TrainConfig):
     return model, tokenizer
 
 
-class _CheckpointEveryMinutes:
-    """A Trainer callback that asks for a checkpoint when ``minutes`` have passed since the last one."""
+def checkpoint_timer(minutes: float):
+    """A Trainer callback that asks for a checkpoint when ``minutes`` have passed since the last one (the step
+    count alone could leave hours between checkpoints on a slow machine)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, minutes: float):
-        from transformers import TrainerCallback
+    class CheckpointTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds, self.last = minutes * 60.0, time.monotonic()
 
-        class _Callback(TrainerCallback):
-            def __init__(self) -> None:
-                self.seconds, self.last = minutes * 60.0, time.monotonic()
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.last >= self.seconds:
+                control.should_save = True
+            return control
 
-            def on_step_end(self, args, state, control, **kwargs):
-                if time.monotonic() - self.last >= self.seconds:
-                    control.should_save = True
-                return control
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+            return control
 
-            def on_save(self, args, state, control, **kwargs):
-                self.last = time.monotonic()
-                return control
-
-        return _Callback()
+    return CheckpointTimer()
 
 
 def last_checkpoint(paths: RunPaths) -> Path | None:
@@ -310,7 +309,7 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
         remove_unused_columns=False, dataloader_pin_memory=False, disable_tqdm=not show_progress,
     )
     trainer = DPTrainer(model=model, args=args, train_dataset=data.examples(), data_collator=collator,
-                        processing_class=tokenizer, callbacks=[_CheckpointEveryMinutes(cfg.checkpoint_minutes)])
+                        processing_class=tokenizer, callbacks=[checkpoint_timer(cfg.checkpoint_minutes)])
     finished = False
     if resume is not None:
         done = _read_json(resume / PRIVACY_FILE)

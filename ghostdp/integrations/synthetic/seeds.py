@@ -109,7 +109,15 @@ def run_seeds(config: RunConfig, run_dir: str | Path, n: int, *, show_progress: 
         raise ValueError(f"run_seeds: n={n!r}; need an int >= 1.")
     if run_one is None:
         from ghostdp.integrations.synthetic.pipeline import run_pipeline as run_one
+    from ghostdp.integrations.synthetic.run_folder import lock_run_folder
+
     run_dir = Path(run_dir)
+    with lock_run_folder(run_dir, "pipeline --seeds"):  # seeds.json/md here; each seed folder has its own lock
+        return _run_seeds_locked(config, run_dir, n, show_progress, run_one)
+
+
+def _run_seeds_locked(config: RunConfig, run_dir: Path, n: int, show_progress: bool,
+                      run_one: Callable[..., Any]) -> dict[str, Any]:
     metrics = []
     for i in range(n):
         seed = config.train.dp_seed
