@@ -3,8 +3,9 @@
 Each time a clipped layer runs forward, its backward hands the engine, per parameter, the per-example
 gradient of that use in the cheapest exact form:
 
-* ``Factored(U, V)``: ``G_i = sum_t U_it ⊗ V_it``. A linear weight (p, d): ``U = g`` (B, T, p), ``V = a`` (B, T, d).
-* ``OneHot(ids, V, rows)``: ``G_i = sum_t e_{ids_it} ⊗ V_it``. An embedding table (rows, d): ``V = g`` (B, T, d),
+* ``Factored(a, g)``: ``G_i = sum_t g_it ⊗ a_it = g_i^T a_i``. A linear weight (p, d): ``a`` its inputs (B, T, d),
+  ``g`` its output gradients (B, T, p); the operand order of the kernels (``linear_norm2_*(a, g)``).
+* ``OneHot(ids, g, rows)``: ``G_i = sum_t e_{ids_it} ⊗ g_it``. An embedding table (rows, d): ``g`` (B, T, d),
   zeroed at padding positions.
 * ``Dense(G)``: the per-example gradients themselves (B, *shape): biases, norm weights, small LoRA factors.
 
@@ -29,7 +30,7 @@ import torch
 
 from ghostdp import kernels
 
-NormMethod = Literal["ghost", "instantiate"]
+NormMethod = Literal["ghost", "instantiated"]  # the kernels' names (norm_cost)
 
 # Largest transient a chunked computation may allocate, in elements (~256 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 26
@@ -112,7 +113,7 @@ class Dense(PerExampleGrad):
         G = self.G[start:stop]
         return G.to(compute_dtype(G))
 
-    def norm2(self, method: NormMethod = "instantiate", impl: str = "torch") -> torch.Tensor:
+    def norm2(self, method: NormMethod = "instantiated", impl: str = "torch") -> torch.Tensor:
         G = self.G.flatten(1)
         return G.to(compute_dtype(G)).pow(2).sum(1)
 
@@ -124,99 +125,99 @@ class Dense(PerExampleGrad):
 
 @dataclass(eq=False)
 class Factored(PerExampleGrad):
-    """G_i = U_i^T V_i, U (B, T, p) and V (B, T, d): a linear layer's weight gradient."""
+    """G_i = g_i^T a_i, a (B, T, d) the inputs and g (B, T, p) the output gradients: a linear layer's weight."""
 
-    U: torch.Tensor
-    V: torch.Tensor
+    a: torch.Tensor
+    g: torch.Tensor
 
     def __post_init__(self):
-        self.shape = (self.U.shape[-1], self.V.shape[-1])
+        self.shape = (self.g.shape[-1], self.a.shape[-1])
 
     @property
     def batch(self) -> int:
-        return self.U.shape[0]
+        return self.a.shape[0]
 
     @property
     def kept_elements(self) -> int:
-        return self.U.numel() + self.V.numel()
+        return self.a.numel() + self.g.numel()
 
     def device(self) -> torch.device:
-        return self.U.device
+        return self.a.device
 
     def dense(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        dt = compute_dtype(self.U, self.V)
-        U, V = self.U[start:stop].to(dt), self.V[start:stop].to(dt)
-        return U.transpose(1, 2) @ V  # (b, p, d)
+        dt = compute_dtype(self.a, self.g)
+        a, g = self.a[start:stop].to(dt), self.g[start:stop].to(dt)
+        return g.transpose(1, 2) @ a  # (b, p, d)
 
     def norm2(self, method: NormMethod, impl: str = "torch") -> torch.Tensor:
         if method == "ghost":
-            return kernels.linear_norm2_ghost(self.V, self.U, impl=impl)
-        return kernels.linear_norm2_instantiated(self.V, self.U, impl=impl)
+            return kernels.linear_norm2_ghost(self.a, self.g, impl=impl)
+        return kernels.linear_norm2_instantiated(self.a, self.g, impl=impl)
 
     def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch") -> None:
-        kernels.linear_clipped_sum(self.V, self.U, c, out=out, accumulate=True, impl=impl)
+        kernels.linear_clipped_sum(self.a, self.g, c, out=out, accumulate=True, impl=impl)
 
 
 @dataclass(eq=False)
 class OneHot(PerExampleGrad):
-    """G_i = sum_t e_{ids_it} ⊗ V_it: an embedding table (rows, d) looked up at ids (B, T)."""
+    """G_i = sum_t e_{ids_it} ⊗ g_it: an embedding table (rows, d) looked up at ids (B, T)."""
 
     ids: torch.Tensor  # (B, T) int64
-    V: torch.Tensor  # (B, T, d), zero where the lookup gets no gradient (padding_idx)
+    g: torch.Tensor  # (B, T, d), zero where the lookup gets no gradient (padding_idx)
     rows: int
 
     def __post_init__(self):
-        self.shape = (self.rows, self.V.shape[-1])
+        self.shape = (self.rows, self.g.shape[-1])
 
     @property
     def batch(self) -> int:
-        return self.V.shape[0]
+        return self.g.shape[0]
 
     @property
     def kept_elements(self) -> int:
-        return self.V.numel() + self.ids.numel()
+        return self.g.numel() + self.ids.numel()
 
     def device(self) -> torch.device:
-        return self.V.device
+        return self.g.device
 
     def dense(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        ids, V = self.ids[start:stop], self.V[start:stop]
+        ids, g = self.ids[start:stop], self.g[start:stop]
         b, T = ids.shape
-        dt = compute_dtype(V)
-        out = V.new_zeros((b * self.rows, V.shape[-1]), dtype=dt)
+        dt = compute_dtype(g)
+        out = g.new_zeros((b * self.rows, g.shape[-1]), dtype=dt)
         flat = (torch.arange(b, device=ids.device)[:, None] * self.rows + ids).flatten()
-        out.index_add_(0, flat, V.to(dt).flatten(0, 1))
+        out.index_add_(0, flat, g.to(dt).flatten(0, 1))
         return out.view(b, self.rows, -1)
 
     def norm2(self, method: NormMethod, impl: str = "torch") -> torch.Tensor:
         if method == "ghost":
-            return gram_inner_onehot(self.ids, self.V, self.ids, self.V)
+            return gram_inner_onehot(self.ids, self.g, self.ids, self.g)
         return self._sparse_norm2()
 
     def _sparse_norm2(self) -> torch.Tensor:
-        """Instantiate only the non-zero rows of each G_i: sort (example, id) keys, sum V per key.
+        """Instantiate only the non-zero rows of each G_i: sort (example, id) keys, sum g per key.
 
         Segments come from a cumulative sum over the sorted keys, so every buffer has a static size
         (B·T rows) and nothing waits on the host, unlike ``torch.unique``.
         """
         B, T = self.ids.shape
-        dt = compute_dtype(self.V)
+        dt = compute_dtype(self.g)
         if B * T == 0:
-            return self.V.new_zeros(B, dtype=dt)
+            return self.g.new_zeros(B, dtype=dt)
         keys = (torch.arange(B, device=self.ids.device)[:, None] * self.rows + self.ids).flatten()
         sorted_keys, order = keys.sort()
         is_new = torch.ones_like(sorted_keys, dtype=torch.bool)
         is_new[1:] = sorted_keys[1:] != sorted_keys[:-1]
         segment = is_new.cumsum(0) - 1  # (B·T,) segment of each sorted lookup
-        sums = self.V.new_zeros((B * T, self.V.shape[-1]), dtype=dt)
-        sums.index_add_(0, segment, self.V.flatten(0, 1).to(dt)[order])
+        sums = self.g.new_zeros((B * T, self.g.shape[-1]), dtype=dt)
+        sums.index_add_(0, segment, self.g.flatten(0, 1).to(dt)[order])
         segment_example = torch.zeros_like(sorted_keys).scatter_(0, segment, sorted_keys // self.rows)
         return sums.new_zeros(B).index_add_(0, segment_example, sums.pow(2).sum(1))
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        dt = compute_dtype(self.V, c)
-        out = self.V.new_zeros(self.shape, dtype=dt)
-        out.index_add_(0, self.ids.flatten(), (self.V.to(dt) * c.to(dt)[:, None, None]).flatten(0, 1))
+        dt = compute_dtype(self.g, c)
+        out = self.g.new_zeros(self.shape, dtype=dt)
+        out.index_add_(0, self.ids.flatten(), (self.g.to(dt) * c.to(dt)[:, None, None]).flatten(0, 1))
         return out
 
 
@@ -250,6 +251,9 @@ def gram_inner_onehot(ids1, V1, ids2, V2) -> torch.Tensor:
 def gram_inner_onehot_factored(ids, V1, U2, V2) -> torch.Tensor:
     """(B,) <sum_t e_{ids_t} ⊗ V1_t, sum_s U2_s ⊗ V2_s> = sum_{t,s} U2_s[ids_t] (V1_t·V2_s).
 
+    ids, V1: the embedding use (``OneHot.ids``, ``OneHot.g``); U2, V2: the linear use's output gradient
+    ``Factored.g`` (B, S, rows) and input ``Factored.a`` (B, S, d).
+
     The tied embedding / LM head cross term: gather the head's output-gradient columns at the input ids.
     """
     dt = compute_dtype(V1, U2, V2)
@@ -277,13 +281,13 @@ def _dense_inner(x: PerExampleGrad, y: PerExampleGrad) -> torch.Tensor:
 def inner(x: PerExampleGrad, y: PerExampleGrad) -> torch.Tensor:
     """(B,) per-example <G^x_i, G^y_i> of two uses of one parameter, by the Gram identity where it applies."""
     if isinstance(x, Factored) and isinstance(y, Factored):
-        return gram_inner(x.U, x.V, y.U, y.V)
+        return gram_inner(x.g, x.a, y.g, y.a)
     if isinstance(x, OneHot) and isinstance(y, OneHot):
-        return gram_inner_onehot(x.ids, x.V, y.ids, y.V)
+        return gram_inner_onehot(x.ids, x.g, y.ids, y.g)
     if isinstance(x, OneHot) and isinstance(y, Factored):
-        return gram_inner_onehot_factored(x.ids, x.V, y.U, y.V)
+        return gram_inner_onehot_factored(x.ids, x.g, y.g, y.a)
     if isinstance(x, Factored) and isinstance(y, OneHot):
-        return gram_inner_onehot_factored(y.ids, y.V, x.U, x.V)
+        return gram_inner_onehot_factored(y.ids, y.g, x.g, x.a)
     return _dense_inner(x, y)
 
 

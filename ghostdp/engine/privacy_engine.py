@@ -36,8 +36,9 @@ from ghostdp.kernels.dispatch import TWIN_DTYPES  # the noise kernel also reads 
 from ghostdp.engine import fsdp
 from ghostdp.engine.errors import BatchMismatchError, UnclippedGradientError, UnsupportedModuleError
 from ghostdp.engine.grads import Dense, Factored, PerExampleGrad, compute_dtype, summed_norm2
-from ghostdp.engine.layers import sampler_for
+from ghostdp.engine.layers import rule_for
 from ghostdp.engine.layers.lora import check_peft_model
+from ghostdp.engine.layers.prompt import attach_prompt_tuning
 from ghostdp.engine.layers.registry import Recorder, unsupported_error
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,12 @@ def _norm_method(grad: PerExampleGrad, clipping: Clipping, impl: str) -> str:
     if clipping == "ghost":
         return "ghost"
     if clipping == "per_sample" or not isinstance(grad, Factored):
-        return "instantiate"
-    B, T = grad.U.shape[:2]
+        return "instantiated"
+    B, T = grad.a.shape[:2]
     p, d = grad.shape
     ghost = kernels.norm_cost(B, T, d, p, "ghost", impl).flops
     inst = kernels.norm_cost(B, T, d, p, "instantiated", impl).flops
-    return "ghost" if ghost < inst else "instantiate"
+    return "ghost" if ghost < inst else "instantiated"
 
 
 class PrivacyEngine:
@@ -222,16 +223,16 @@ class PrivacyEngine:
             owned = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
             if not owned:
                 continue
-            sampler = sampler_for(module)
+            rule = rule_for(module)
             qual = lambda n: f"{mname}.{n}" if mname else n  # noqa: E731
-            if sampler is None:
+            if rule is None:
                 raise unsupported_error(qual(owned[0][0]), mname, module)
             for n, p in owned:
-                if n not in sampler.param_names:
-                    raise unsupported_error(qual(n), mname, module, f"the {type(sampler).__name__} rule does not cover '{n}'")
+                if n not in rule.param_names:
+                    raise unsupported_error(qual(n), mname, module, f"the {type(rule).__name__} rule does not cover '{n}'")
                 trainable.setdefault(p, qual(n))
-            sampler.validate(module, mname)
-            to_patch[id(module)] = (module, sampler)
+            rule.validate(module, mname)
+            to_patch[id(module)] = (module, rule)
 
         extra = [
             p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad and p not in trainable
@@ -258,13 +259,13 @@ class PrivacyEngine:
         self._noise_impls: dict[nn.Parameter, str] = {
             p: kernels.resolve_impl(self.impl, p, op="PrivacyEngine noise", kernel_dtypes=TWIN_DTYPES) for p in trainable
         }
-        for module, sampler in to_patch.values():
+        for module, rule in to_patch.values():
             if "forward" in module.__dict__:
                 raise RuntimeError(
                     f"Module {type(module).__name__} already has a patched forward (another PrivacyEngine "
                     "attached?). Call detach() on the other engine first."
                 )
-            module.forward = partial(self._dp_forward, module, sampler)
+            module.forward = partial(self._dp_forward, module, rule)
             self._patched.append(module)
         for p, name in trainable.items():
             self._handles.append(p.register_post_accumulate_grad_hook(partial(self._untracked_gradient, name)))
@@ -272,6 +273,7 @@ class PrivacyEngine:
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_forward, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._model_post_forward, always_call=True))
         self._handles.append(register_optimizer_step_pre_hook(self._before_any_step))
+        self._handles.extend(attach_prompt_tuning(self.model))  # PEFT prompt tuning: one row per example
         log.info(
             "ghostdp attached: %d trainable tensors (%d elements) in %d layers, clipping=%s",
             len(trainable), sum(p.numel() for p in trainable), len(self._patched), self.clipping,
@@ -298,7 +300,7 @@ class PrivacyEngine:
         self._model_depth = max(0, self._model_depth - 1)
         return None
 
-    def _dp_forward(self, module: nn.Module, sampler, *args, **kwargs):
+    def _dp_forward(self, module: nn.Module, rule, *args, **kwargs):
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters(recurse=False)):
             return type(module).forward(module, *args, **kwargs)
         # Inside a model call, or recomputing one of its layers in backward (activation checkpointing): the
@@ -307,10 +309,10 @@ class PrivacyEngine:
         info = self._forward if in_model else None
         record = self._forward_recorder if in_model else self._recorder
         if info is not None:
-            args, kwargs = self._check_examples_leading(module, sampler, info, args, kwargs)
-        return sampler.forward(module, record, *args, **kwargs)
+            args, kwargs = self._check_examples_leading(module, rule, info, args, kwargs)
+        return rule.forward(module, record, *args, **kwargs)
 
-    def _check_examples_leading(self, module, sampler, info: _ForwardInfo, args, kwargs):
+    def _check_examples_leading(self, module, rule, info: _ForwardInfo, args, kwargs):
         """The layer's input must have the model's examples as its leading dimension, or be handled exactly.
 
         An input with leading dimension 1 while the model has B > 1 examples is shared by the batch and
@@ -326,7 +328,7 @@ class PrivacyEngine:
         key, x = first
         lead = x.shape[0]
         name = self._layer_name(module)
-        if lead == 1 and sampler.expands_broadcast_input:
+        if lead == 1 and rule.expands_broadcast_input:
             x = x.expand(info.batch, *x.shape[1:])
             log.debug("ghostdp: layer '%s' input of shape (1, ...) expanded to the model's %d examples", name, info.batch)
             if isinstance(key, int):
@@ -520,7 +522,7 @@ class PrivacyEngine:
         """Kernels serve linear weights (``Factored``); the other forms are small and run in PyTorch."""
         if not isinstance(grad, Factored):
             return "torch"
-        return kernels.resolve_impl(self.impl, grad.V, grad.U, op="PrivacyEngine")
+        return kernels.resolve_impl(self.impl, grad.a, grad.g, op="PrivacyEngine")
 
     # ------------------------------------------------------------------ optimizer step
     def _noise_generator(self, device: torch.device) -> torch.Generator:

@@ -1,11 +1,11 @@
-"""Per-layer clipping rules. Importing this package registers every built-in sampler."""
+"""Per-layer clipping rules. Importing this package registers every built-in rule."""
 from ghostdp.engine.layers import affine, embedding, layernorm, linear, lora, rmsnorm  # noqa: F401  (registers)
 from ghostdp.engine.layers.registry import (
-    LayerSampler,
+    LayerRule,
     register_layer,
     register_matcher,
-    sampler_for,
+    rule_for,
     supported_types,
 )
 
-__all__ = ["LayerSampler", "register_layer", "register_matcher", "sampler_for", "supported_types"]
+__all__ = ["LayerRule", "register_layer", "register_matcher", "rule_for", "supported_types"]

@@ -1,6 +1,6 @@
 """nn.Embedding: ``G_i = sum_t e_{x_it} ⊗ g_it`` (one-hot input), padding_idx lookups get no gradient.
 
-Norms: "ghost" uses ``sum_{t,s} [x_it = x_is] (g_it·g_is)``; "instantiate" sums g per distinct id of
+Norms: "ghost" uses ``sum_{t,s} [x_it = x_is] (g_it·g_is)``; "instantiated" sums g per distinct id of
 each example (exact, O(B·T·d), no (rows, d) buffer per example).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghostdp.engine.grads import OneHot
-from ghostdp.engine.layers.registry import LayerSampler, register_layer, unsupported_error
+from ghostdp.engine.layers.registry import LayerRule, register_layer, unsupported_error
 
 
 class _EmbeddingFn(torch.autograd.Function):
@@ -34,7 +34,7 @@ class _EmbeddingFn(torch.autograd.Function):
 
 
 @register_layer(nn.Embedding)
-class EmbeddingSampler(LayerSampler):
+class EmbeddingRule(LayerRule):
     param_names = ("weight",)
     expands_broadcast_input = True  # ids (1, T) shared by the batch: G_i = sum_t e_{x_t} ⊗ g_it, exactly
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghostdp.engine.grads import Dense, Factored
-from ghostdp.engine.layers.registry import LayerSampler, register_layer
+from ghostdp.engine.layers.registry import LayerRule, register_layer
 
 
 class _LinearFn(torch.autograd.Function):
@@ -30,14 +30,14 @@ class _LinearFn(torch.autograd.Function):
         B = g.shape[0]
         g3 = g.reshape(B, -1, g.shape[-1])  # (B, T, p)
         if weight.requires_grad:
-            ctx.record(weight, Factored(g3, x.reshape(B, -1, x.shape[-1])))  # (B, T, p), (B, T, d)
+            ctx.record(weight, Factored(x.reshape(B, -1, x.shape[-1]), g3))  # a (B, T, d), g (B, T, p)
         if bias is not None and bias.requires_grad:
             ctx.record(bias, Dense(g3.sum(1)))  # (B, p)
         return grad_x, None, None, None
 
 
 @register_layer(nn.Linear)
-class LinearSampler(LayerSampler):
+class LinearRule(LayerRule):
     def forward(self, module: nn.Linear, record, x):
         if x.dim() < 2:
             raise ValueError(

@@ -1,5 +1,5 @@
 """PEFT LoRA ``Linear``: its ``lora_A`` and ``lora_B`` are plain ``nn.Linear`` modules, clipped by the
-linear sampler; the frozen ``base_layer`` costs nothing. With rank r the per-example gradients are
+linear rule; the frozen ``base_layer`` costs nothing. With rank r the per-example gradients are
 ``(r, d)`` and ``(p, r)``, so the engine keeps them instantiated (``Dense``) whenever that is smaller than
 the factors (r < T), which is the common case.
 

@@ -1,6 +1,7 @@
-"""The registry of layer types the engine can clip, one file per type (as Opacus' grad samplers).
+"""The registry of layer types the engine can clip, one file per type (Opacus calls these grad samplers;
+here they are per-layer *rules*, so as not to be confused with the Poisson batch sampler).
 
-A ``LayerSampler`` knows, for one module type, which of its parameters it clips and how to run the
+A ``LayerRule`` knows, for one module type, which of its parameters it clips and how to run the
 module's forward so that, in backward, the per-example gradient of each parameter is handed to the
 engine (as a :mod:`ghostdp.engine.grads` representation) instead of being summed by autograd.
 """
@@ -29,7 +30,7 @@ class Recorder:
         self._record(param, grad)
 
 
-class LayerSampler:
+class LayerRule:
     """How one module type is clipped. Subclasses set ``param_names`` and implement ``forward``."""
 
     param_names: tuple[str, ...] = ("weight", "bias")
@@ -44,25 +45,25 @@ class LayerSampler:
         raise NotImplementedError
 
 
-_REGISTRY: dict[type, LayerSampler] = {}
-# Functions module -> sampler | None, for families matched by behaviour rather than by class (HF RMSNorms).
-_MATCHERS: list[Callable[[nn.Module], "LayerSampler | None"]] = []
+_REGISTRY: dict[type, LayerRule] = {}
+# Functions module -> rule | None, for families matched by behaviour rather than by class (HF RMSNorms).
+_MATCHERS: list[Callable[[nn.Module], "LayerRule | None"]] = []
 
 
-def register_layer(*module_types: type) -> Callable[[type[LayerSampler]], type[LayerSampler]]:
-    """Class decorator: ``@register_layer(nn.Linear)`` makes that sampler handle those exact types."""
+def register_layer(*module_types: type) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: ``@register_layer(nn.Linear)`` makes that rule handle those exact types."""
 
-    def wrap(cls: type[LayerSampler]) -> type[LayerSampler]:
+    def wrap(cls: type[LayerRule]) -> type[LayerRule]:
         for t in module_types:
             if t in _REGISTRY:
-                raise ValueError(f"{t.__qualname__} already has a sampler ({type(_REGISTRY[t]).__name__})")
+                raise ValueError(f"{t.__qualname__} already has a rule ({type(_REGISTRY[t]).__name__})")
             _REGISTRY[t] = cls()
         return cls
 
     return wrap
 
 
-def register_matcher(fn: Callable[[nn.Module], "LayerSampler | None"]):
+def register_matcher(fn: Callable[[nn.Module], "LayerRule | None"]):
     """Register a function that claims modules by behaviour (it must be exact about what it accepts)."""
     _MATCHERS.append(fn)
     return fn
@@ -73,8 +74,8 @@ def supported_types() -> list[str]:
     return names + ["Hugging Face *RMSNorm classes with the Llama forward", "PEFT LoRA Linear (A and B)"]
 
 
-def sampler_for(module: nn.Module) -> LayerSampler | None:
-    """The sampler registered for ``type(module)``, or for a base class if the subclass keeps its forward.
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule registered for ``type(module)``, or for a base class if the subclass keeps its forward.
 
     A subclass that overrides ``forward`` may use its parameters differently, so it is not matched.
     """
@@ -85,9 +86,9 @@ def sampler_for(module: nn.Module) -> LayerSampler | None:
         if base in _REGISTRY and cls.forward is base.forward:
             return _REGISTRY[base]
     for match in _MATCHERS:
-        sampler = match(module)
-        if sampler is not None:
-            return sampler
+        rule = match(module)
+        if rule is not None:
+            return rule
     return None
 
 
@@ -99,7 +100,7 @@ def unsupported_error(param_name: str, module_name: str, module: nn.Module, reas
         f"Trainable parameter '{param_name}' in module '{module_name or '<root>'}' "
         f"({type(module).__qualname__}) cannot be clipped per example: {why}. Training it would add an "
         "unclipped gradient and break the differential-privacy guarantee. Ways out: freeze it "
-        "(param.requires_grad_(False)); replace the module with a supported one; or register a sampler "
+        "(param.requires_grad_(False)); replace the module with a supported one; or register a rule "
         "with ghostdp.engine.layers.register_layer. Supported types: " + ", ".join(supported_types())
     )
 

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghostdp.engine.layers.affine import affine
-from ghostdp.engine.layers.registry import LayerSampler, register_layer, register_matcher
+from ghostdp.engine.layers.registry import LayerRule, register_layer, register_matcher
 
 log = logging.getLogger(__name__)
 
 
 @register_layer(nn.RMSNorm)
-class TorchRMSNormSampler(LayerSampler):
+class TorchRMSNormRule(LayerRule):
     param_names = ("weight",)
 
     def forward(self, module: nn.RMSNorm, record, x):
@@ -31,7 +31,7 @@ class TorchRMSNormSampler(LayerSampler):
         return affine(xhat, module.weight, None, record)
 
 
-class LlamaRMSNormSampler(LayerSampler):
+class LlamaRMSNormRule(LayerRule):
     param_names = ("weight",)
 
     def forward(self, module, record, x):
@@ -41,7 +41,7 @@ class LlamaRMSNormSampler(LayerSampler):
         return affine(h.to(dtype), module.weight, None, record)
 
 
-_LLAMA_STYLE = LlamaRMSNormSampler()
+_LLAMA_STYLE = LlamaRMSNormRule()
 
 
 def _hf_llama_rmsnorm():
@@ -62,7 +62,7 @@ def _forward_source(cls: type) -> str | None:
 
 
 @register_matcher
-def match_llama_style(module: nn.Module) -> LayerSampler | None:
+def match_llama_style(module: nn.Module) -> LayerRule | None:
     llama = _hf_llama_rmsnorm()
     cls = type(module)
     if llama is None or not cls.__name__.endswith("RMSNorm") or not hasattr(module, "variance_epsilon"):
