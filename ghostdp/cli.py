@@ -10,12 +10,14 @@
 
 Configuration, later wins: the dataclass defaults (``ghostdp.integrations.synthetic.config``), the run folder's
 own ``config.toml`` when it has one (so ``synthesize``/``evaluate`` continue a run as it was set up),
-``--preset``, ``--config FILE.toml``, then the flags. Each run writes its resolved configuration to
-``<run-dir>/config.toml``.
+``--preset``, ``--config FILE.toml``, then the flags. A stage that succeeds writes the configuration it ran to
+``<run-dir>/config.toml`` (a failed or refused command writes nothing there, so it never becomes the base of
+the next one; a setting taken from it that makes the run not private, dp_seed, is said in a warning).
 
-Exit codes: 0 success; 2 bad usage or configuration (nothing was run, or the run refused to start: the
-message says what to change); 1 failure while running; 130 interrupted (re-run the same command: a
-trained generator is reused, synthesis resumes where it stopped).
+Exit codes: 0 success; 2 bad usage, configuration or input (the command refused to start and changed
+nothing in the run folder: the message names each setting or file and what to change); 1 failure while
+running; 130 interrupted (the message says what re-running the same command will do: training resumes
+from its last checkpoint, a trained generator is reused, synthesis resumes where it stopped).
 """
 
 from __future__ import annotations

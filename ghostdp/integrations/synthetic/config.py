@@ -202,10 +202,10 @@ class TrainConfig:
         "A known seed voids the guarantee: tests only."))
     bf16: bool = field(default=False, metadata=_help("bfloat16 autocast (GPU); norms and noise stay fp32."))
     use_cpu: bool = field(default=False, metadata=_help("Train on the CPU even when a GPU is visible."))
-    checkpoint_steps: int = field(default=50, metadata=_help(
+    checkpoint_steps: int = field(default=10, metadata=_help(
         "Write a training checkpoint (model or adapters, optimizer, Poisson sampler, noise RNG, privacy ledger) to "
         "<run-dir>/private/trainer every this many DP steps; an interrupted `train` resumes from the last one."))
-    checkpoint_minutes: float = field(default=10.0, metadata=_help(
+    checkpoint_minutes: float = field(default=5.0, metadata=_help(
         "Also write a checkpoint when this many minutes have passed since the last one."))
 
     def __post_init__(self) -> None:
