@@ -209,3 +209,31 @@ def test_dptrainer_refuses_a_model_of_unknown_task_unless_given_a_loss(tmp_path)
     with pytest.raises(ValueError, match="not a task DPTrainer knows"):
         DPTrainer(model=Unknown(), args=args, train_dataset=token_rows(8), data_collator=pad_tokens,
                   per_example_loss="question_answering")
+
+
+def test_dptrainer_fine_tunes_bert_out_of_the_box(tmp_path):
+    """Issue 10 kind 2 through DPTrainer: BertForSequenceClassification, every parameter trainable, position ids
+    (1, T) broadcast by the model itself. Used to raise a batch mismatch (4 vs 1); now it trains, the position
+    embeddings included (exactness against the one-example reference: tests/engine/test_batch_count.py)."""
+    from ghostdp.integrations.hf.trainer import DPTrainer
+
+    model = bert_cls(2).train()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 40, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist(),
+             "labels": i % 2} for i in range(12)]
+
+    def collate(items):
+        T = max(len(r["input_ids"]) for r in items)
+        ids = torch.zeros(len(items), T, dtype=torch.long)
+        mask = torch.zeros(len(items), T, dtype=torch.long)
+        for i, r in enumerate(items):
+            ids[i, :len(r["input_ids"])], mask[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["labels"] for r in items])}
+
+    trainer = DPTrainer(model=model, args=make_args(tmp_path, max_steps=3), train_dataset=rows, data_collator=collate)
+    assert trainer._task == "sequence_classification"
+    pos = model.bert.embeddings.position_embeddings.weight
+    before = pos.detach().clone()
+    trainer.train()
+    assert trainer.privacy_engine.steps == 3
+    assert not torch.equal(pos.detach(), before)
