@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import logging.handlers
 import os
@@ -318,7 +319,9 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
     elif ns.command == "synthesize":
         result = pipeline.synthesize_step(config, run_dir, show_progress=show, max_batches=ns.max_batches)
         state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
-        print(f"Synthetic data: {result.jsonl} ({sum(result.counts.values())} samples {result.counts}; {state})")
+        privacy = json.loads(result.meta.read_text(encoding="utf-8")).get("privacy") or {}
+        print(f"{_not_private(privacy.get('dp_seed'))}Synthetic data: {result.jsonl} "
+              f"({sum(result.counts.values())} samples {result.counts}; {state})")
     elif ns.command == "evaluate":
         result = pipeline.evaluate_step(config, run_dir, show_progress=show)
         _print_headline(result.headline, result.report_md)

@@ -269,7 +269,9 @@ def test_a_dp_seed_taken_from_the_folder_is_said_and_never_rewrites_the_training
     """(The headline's NOT PRIVATE for a known seed: test_interrupted_training_resumes_exactly...)"""
     _, _, run = trained
     assert _synthesize(run) == 0
-    assert "train.dp_seed=1 comes from" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "train.dp_seed=1 comes from" in captured.err
+    assert captured.out.startswith("NOT PRIVATE: trained with the known dp_seed=1")  # the released set's line too
     assert _synthesize(run, "--dp-seed", "7") == 0
     assert "dp_seed = 1\n" in (run / "config.toml").read_text()
 

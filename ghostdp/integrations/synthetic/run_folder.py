@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import time
@@ -45,6 +46,8 @@ __all__ = [
     "setting_differences",
     "write_text_atomic",
 ]
+
+logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 LOCK_FILE = ".ghostdp.lock"
@@ -131,7 +134,11 @@ def _load(spec: str | None, rows: int | None, cfg: DataConfig, role: str) -> Lab
 
 def load_private_data(cfg: DataConfig) -> LabelledTexts:
     """The private training set (``train_data``, subset to ``train_rows``)."""
-    return _load(cfg.train_data, cfg.train_rows, cfg, "train_data")
+    data = _load(cfg.train_data, cfg.train_rows, cfg, "train_data")
+    if cfg.train_rows is not None and len(data) < cfg.train_rows:
+        logger.warning("data.train_rows=%d but %s has %d rows: all of them are used (N=%d in the accounting).",
+                       cfg.train_rows, data.source, len(data), len(data))
+    return data
 
 
 def load_eval_data(cfg: DataConfig, label_names: tuple[str, ...] | None = None) -> LabelledTexts:
