@@ -284,8 +284,10 @@ def install_wheels(dry_run: bool) -> dict:
 
 
 def child_env() -> dict:
-    parts = [str(SITE)] if SITE.exists() else []
-    parts += [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    # The checkout first: a wheel's stray top-level package (opacus ships `benchmarks`, `examples`) never
+    # shadows the repository's own `tests` or `ghostdp`.
+    parts = [str(REPO), *([str(SITE)] if SITE.exists() else [])]
+    parts += [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x and x != "."]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(parts), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false"}
 
