@@ -78,6 +78,7 @@ def _cases() -> list[core.Case]:
     else:
         cases = [
             core.Case("tiny-llama", True, 128, BATCH),
+            core.Case("tiny-llama", True, 128, BATCH, quantization="4bit"),  # QLoRA: NF4 base (bitsandbytes)
             core.Case("tiny-llama", False, 128, BATCH),
             core.Case("tiny-llama", False, 128, BATCH, untie_embeddings=True),
             core.Case("smollm2-135m", True, 128, BATCH),

@@ -143,3 +143,21 @@ def test_load_causal_lm_and_the_app_option_give_a_4bit_base_under_lora(base_dir)
 
         with mock.patch("ghostdp.integrations.hf.models.load_causal_lm", return_value=(model, None)):
             _build_model(TrainConfig(model=str(base_dir)))
+
+
+def test_dptrainer_trains_qlora_with_epsilon_logged(base_dir, tmp_path):
+    """DPTrainer over the 4-bit base: the loss check (eval mode, no grad), steps, epsilon; only LoRA moves."""
+    from ghostdp.integrations.hf.trainer import DPTrainer
+    from tests.hf.trainer_helpers import collator, make_args, make_data
+
+    model = qlora_model(base_dir, targets=("q_proj", "v_proj"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = make_args(tmp_path, max_steps=3, noise_multiplier=0.5, learning_rate=0.1)
+    trainer = DPTrainer(model=model, args=args, train_dataset=make_data(24), data_collator=collator())
+    trainer.train()
+    assert trainer.privacy_engine.steps == 3 and trainer.current_epsilon() > 0
+    # Float tensors only: bitsandbytes may repack the 4-bit weights for its CPU kernel in eval mode (same values,
+    # another layout), and those cannot require grad anyway.
+    moved = {n for n, p in model.named_parameters() if p.is_floating_point() and not torch.equal(p, before[n])}
+    assert moved == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert moved and all("lora_" in n for n in moved)

@@ -51,7 +51,8 @@ class Case:
     ``model`` is a preset (:data:`PRESETS`), ``"smollm2-135m"`` (the embedded model), a Hugging Face hub
     name, a local folder or a ``.gguf`` file. ``lora``: PEFT LoRA of rank ``lora_rank`` on all linear
     layers (base frozen); otherwise every parameter trains. ``untie_embeddings`` gives the LM head its
-    own copy of a tied embedding matrix, for every engine of the case.
+    own copy of a tied embedding matrix, for every engine of the case. ``quantization="4bit"`` (QLoRA, needs
+    ``lora``) loads the frozen base in NF4 with bitsandbytes before the adapters are added.
     """
 
     model: str
@@ -62,8 +63,11 @@ class Case:
     dtype: str = "float32"
     untie_embeddings: bool = False
     lora_rank: int = 16
+    quantization: str | None = None
 
     def __post_init__(self):
+        if self.quantization not in (None, "4bit") or (self.quantization and not self.lora):
+            raise ValueError(f"quantization must be None or '4bit' (with lora=True), got {self.quantization!r}")
         for name in ("seq_len", "batch_size", "lora_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -77,7 +81,7 @@ class Case:
 
     @property
     def mode(self) -> str:
-        return "lora" if self.lora else "full"
+        return ("qlora" if self.quantization else "lora") if self.lora else "full"
 
     @property
     def id(self) -> str:
@@ -154,6 +158,8 @@ def build_model(case: Case, *, weights_dir: str | None = None, seed: int = 0):
         model = model.to(case.device)
     if case.untie_embeddings:
         _untie(model)
+    if case.quantization is not None:
+        model = _reload_quantized(model, case, dtype)
     if case.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -163,6 +169,21 @@ def build_model(case: Case, *, weights_dir: str | None = None, seed: int = 0):
                                                  lora_dropout=0.0, target_modules="all-linear"))
     model.train()
     return model
+
+
+def _reload_quantized(model, case: Case, dtype):
+    """``model`` saved and reloaded with ``case.quantization`` (bitsandbytes NF4 computing in ``dtype``)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from ghostdp.integrations.hf.models import quantization_config
+
+    with tempfile.TemporaryDirectory(prefix="ghostdp-bench-") as tmp:
+        model.save_pretrained(tmp)
+        del model
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map=case.device,
+                                                    quantization_config=quantization_config(case.quantization, dtype))
 
 
 def _untie(model) -> None:
