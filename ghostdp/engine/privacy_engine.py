@@ -272,7 +272,7 @@ class PrivacyEngine:
         self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_forward, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._model_post_forward, always_call=True))
-        self._handles.append(register_optimizer_step_pre_hook(self._before_any_step))
+        self._handles.append(self._register_global_step_hook())
         self._handles.extend(attach_prompt_tuning(self.model))  # PEFT prompt tuning: one row per example
         log.info(
             "ghostdp attached: %d trainable tensors (%d elements) in %d layers, clipping=%s",
@@ -402,6 +402,19 @@ class PrivacyEngine:
             "DP guarantee. Call optimizer.zero_grad(set_to_none=True) before the first backward, and leave "
             ".grad to the engine between backward and optimizer.step()."
         )
+
+    def _register_global_step_hook(self):
+        """A pre-hook on every optimizer's step that holds the engine weakly (and goes when the engine does)."""
+        method = weakref.WeakMethod(self._before_any_step)
+
+        def hook(optimizer, args, kwargs):
+            bound = method()
+            if bound is not None:
+                bound(optimizer, args, kwargs)
+
+        handle = register_optimizer_step_pre_hook(hook)
+        weakref.finalize(self, handle.remove)
+        return handle
 
     def _before_any_step(self, optimizer, args, kwargs) -> None:
         """Global optimizer pre-hook: refuse a second optimizer stepping a parameter the engine clips."""

@@ -218,3 +218,21 @@ def test_clipped_noised_update_of_the_issue_case_is_small():
     delta = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), start.parameters())])
     # sigma = 0: the update is the clipped sum over 4 examples / 4, so its norm is at most C = 0.25.
     assert float(delta.detach().norm()) <= 0.25 + 1e-12
+
+
+def test_the_global_step_hook_does_not_keep_a_dropped_engine_alive():
+    import gc
+    import weakref
+
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    gc.collect()  # engines of earlier tests go, and their hooks with them
+    n = len(_global_optimizer_pre_hooks)
+    model = two_layers()
+    engine, opt = attach(model)
+    assert len(_global_optimizer_pre_hooks) == n + 1
+    ref = weakref.ref(engine)
+    del engine, opt, model
+    gc.collect()
+    assert ref() is None
+    assert len(_global_optimizer_pre_hooks) == n
