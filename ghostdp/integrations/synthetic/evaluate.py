@@ -464,15 +464,7 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     }
     title = (f"ghostdp DP synthetic text: {Path(config.data.train_data).name} -> {gen.info['base_model']} "
              f"({gen.info['method']})")
-    report = write_run_report(
-        paths.root, title=title, metrics=metrics, training_log=training.get("log", []),
-        accuracies=res["accuracies"], real_texts=heldout.texts, synthetic_texts=synthetic.texts,
-        mauve=res["mauve"]["synthetic"], mauve_curve=(res["mauve_curve"].curve_x, res["mauve_curve"].curve_y),
-    )
-    (paths.root / "memorization.json").write_text(json.dumps(mem.to_dict(), indent=2) + "\n", encoding="utf-8")
-    # Privacy note under the title, memorisation worst cases at the end.
-    text = report.report_md.read_text(encoding="utf-8")
-    head, _, rest = text.partition("\n\n")
+    # Privacy note under the title, memorisation worst cases at the end: written with the report, in one go.
     note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"],
                                 eps_train=privacy["epsilon_train"], eps_labels=privacy["epsilon_labels"])
     if privacy.get("dp_seed") is not None:
@@ -483,10 +475,15 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         note += (f"\n> **INCOMPLETE synthetic set**: {len(synthetic)} of {sum(syn_meta.get('targets', {}).values())} "
                  "samples (interrupted, or labels fell short); re-run synthesize to finish it.\n")
     from ghostdp.integrations.synthetic.label_scoring import filter_section
+    from ghostdp.integrations.synthetic.run_folder import write_text_atomic
 
-    report.report_md.write_text(head + "\n\n" + note + "\n" + rest.rstrip("\n") + "\n\n"
-                                + filter_section(syn_meta.get("filter")) + _memorization_section(mem) + "\n",
-                                encoding="utf-8")
+    write_text_atomic(paths.root / "memorization.json", json.dumps(mem.to_dict(), indent=2) + "\n")
+    report = write_run_report(
+        paths.root, title=title, metrics=metrics, training_log=training.get("log", []),
+        accuracies=res["accuracies"], real_texts=heldout.texts, synthetic_texts=synthetic.texts,
+        mauve=res["mauve"]["synthetic"], mauve_curve=(res["mauve_curve"].curve_x, res["mauve_curve"].curve_y),
+        preamble=note, epilogue=filter_section(syn_meta.get("filter")) + _memorization_section(mem),
+    )
     acc = res["accuracies"]
     headline = {
         "epsilon": privacy["epsilon_total"], "delta": privacy["delta"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,6 +304,12 @@ def _markdown(figures: Mapping[str, Any], plots: Mapping[str, Path], max_log_row
 # ----------------------------------------------------------------------------------------------------
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_run_report(
     run_dir: str | Path,
     *,
@@ -315,6 +322,8 @@ def write_run_report(
     mauve: float | None = None,
     mauve_curve: tuple[Sequence[float], Sequence[float]] | None = None,
     max_log_rows: int = 50,
+    preamble: str = "",
+    epilogue: str = "",
 ) -> RunReport:
     """Write ``report.md``, ``metrics.json`` and the plots into ``run_dir`` (created if needed).
 
@@ -330,6 +339,11 @@ def write_run_report(
         real_texts, synthetic_texts: for the length statistics and ``lengths.png``.
         mauve: the MAUVE value -> ``mauve.png`` (with the divergence curve when ``mauve_curve`` is given).
         max_log_rows: the most training-log rows in report.md (metrics.json has them all).
+        preamble, epilogue: Markdown put under the title (e.g. the privacy note) and at the end; part of the
+            one write of report.md, so no version of the file lacks them.
+
+    Each file is written to a temporary name and renamed: an interrupted run leaves the previous report or
+    the new one, never a torn one.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -369,8 +383,13 @@ def write_run_report(
 
     figures = _jsonable(figures, "figures")
     metrics_json = run_dir / "metrics.json"
-    metrics_json.write_text(json.dumps(figures, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    _write_atomic(metrics_json, json.dumps(figures, indent=2, allow_nan=False) + "\n")
     report_md = run_dir / "report.md"
-    report_md.write_text(_markdown(figures, plots, max_log_rows), encoding="utf-8")
+    text = _markdown(figures, plots, max_log_rows)
+    if preamble or epilogue:
+        head, _, rest = text.partition("\n\n")
+        text = (head + "\n\n" + (preamble + "\n" if preamble else "") + rest.rstrip("\n") + "\n"
+                + ("\n" + epilogue.rstrip("\n") + "\n" if epilogue else ""))
+    _write_atomic(report_md, text)
     logger.info("Run report written to %s (%d plots)", run_dir, len(plots))
     return RunReport(run_dir=run_dir, report_md=report_md, metrics_json=metrics_json, plots=plots, figures=figures)
