@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="Repeat the whole run N times with fresh DP noise (<run-dir>/seed-<i>) and "
                                 "report the mean and std of every accuracy (<run-dir>/seeds.md). Each repeat "
                                 "trains on the private data again: release at most one of them.")
+        if command == "evaluate":
+            common.add_argument("--hparam-grid", metavar="GRID", nargs="?", const="default",
+                                help="Instead of the report: hyperparameter-ranking fidelity. Train the downstream "
+                                "classifier over GRID once on the synthetic and once on the real training data, "
+                                "score both on real held-out data, write Spearman, Kendall, regret and a plot to "
+                                "<run-dir>/hparam/. GRID: 'C=0.01,0.1,1;class_weight=none,balanced' (linear probe, "
+                                "the default grid when GRID is left out) or 'lr=1e-5,5e-5;epochs=1,3' (fine-tuned "
+                                "MiniLM).")
         if command == "synthesize":
             common.add_argument("--max-batches", type=int, metavar="N",
                                 help="Stop after N generation batches (resume later by running the command again).")
@@ -322,6 +330,15 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
         privacy = json.loads(result.meta.read_text(encoding="utf-8")).get("privacy") or {}
         print(f"{_not_private(privacy.get('dp_seed'))}Synthetic data: {result.jsonl} "
               f"({sum(result.counts.values())} samples {result.counts}; {state})")
+    elif ns.command == "evaluate" and ns.hparam_grid is not None:
+        from ghostdp.integrations.synthetic import hparam
+
+        try:
+            grid = hparam.parse_grid(hparam.DEFAULT_GRID if ns.hparam_grid == "default" else ns.hparam_grid)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        res, files = hparam.hparam_run(config, run_dir, grid, show_progress=show)
+        print(hparam.hparam_markdown(res) + f"\nWritten: {files['md']}, {files['json']}, {files['png']}")
     elif ns.command == "evaluate":
         result = pipeline.evaluate_step(config, run_dir, show_progress=show)
         _print_headline(result.headline, result.report_md)
