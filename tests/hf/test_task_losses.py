@@ -102,6 +102,12 @@ def test_subclass_keeps_its_task_and_unknown_models_are_none():
 
     assert model_task(MyLM(llama_cfg())) == "causal_lm"
     assert model_task(LlamaForQuestionAnswering(llama_cfg())) is None
+    # Masked LM: logits (B, T, V) and labels (B, T) look like a causal LM, but the objective is not shifted.
+    from transformers import BertConfig, BertForMaskedLM
+
+    masked = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=24, max_position_embeddings=32))
+    assert model_task(masked) is None
     assert model_task(torch.nn.Sequential(torch.nn.Linear(3, 3))) is None
 
 
