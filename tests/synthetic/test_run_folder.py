@@ -150,6 +150,9 @@ RELEASABLE_FILES = {
     "model/special_tokens_map.json": "the base model's public tokenizer",
     "model/chat_template.jinja": "the base model's public tokenizer",
     "model/ghostdp_model.json": "metadata, key by key below",
+    "model/model.safetensors": "the DP-SGD-trained weights of a full fine-tuning (the DP release itself)",
+    "model/config.json": "the base model's public architecture",
+    "model/generation_config.json": "the base model's public generation defaults",
     "synthetic/synthetic.jsonl": "samples of the DP generator (post-processing), keys below",
     "synthetic/synthetic.csv": "the same samples: text,label",
     "synthetic/synthetic_meta.json": "metadata, key by key below",
@@ -225,6 +228,17 @@ def test_every_released_file_and_key_is_on_the_allow_list(trained):
     record = json.loads((run / "private" / "training.json").read_text())
     assert record["num_examples"] == 60 and len(record["log"]) == 2 and "loss" in record["log"][0]
     assert not (run / "private" / "trainer").exists()  # the checkpoints are deleted once the model is final
+
+
+def test_a_fully_fine_tuned_model_folder_is_on_the_allow_list_too(setup):
+    root, cfg = setup
+    run = root / "run"
+    assert _train(cfg(), run, "--method", "full") == 0
+    names = sorted(str(p.relative_to(run)) for p in (run / "model").rglob("*") if p.is_file())
+    assert "model/model.safetensors" in names
+    for name in names:
+        assert name in RELEASABLE_FILES, f"{name} is not on the allow-list of releasable files"
+    _check_keys(json.loads((run / "model" / "ghostdp_model.json").read_text()), _MODEL_KEYS, "ghostdp_model.json")
 
 
 def test_label_names_read_from_private_data_are_refused(setup):
