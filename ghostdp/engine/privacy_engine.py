@@ -12,6 +12,21 @@ One step, as data flows (docs/design.md, section 2):
    ``(sum of clipped per-example gradients + N(0, sigma^2 C^2 I)) / expected_batch_size``, noise drawn once,
    in fp32 at least, then runs the inner step; the accountant counts one step.
 
+Two boundaries are checked, because a privacy bug there is silent:
+
+* Every gradient a step applies is the engine's (:class:`UnclippedGradientError` otherwise, before the step,
+  naming the parameter): the engine remembers the ``.grad`` tensor and in-place version counter it last
+  wrote per parameter, and ``optimizer.step()`` refuses a parameter it does not clip (unfrozen after attach,
+  added with ``add_param_group``), a ``.grad`` replaced or changed in place (by hand, another library's hook,
+  ``clip_grad_norm_``, a scaler) or left from before attach, and closures; a global optimizer pre-hook
+  refuses a second optimizer stepping a clipped parameter. A ``.grad`` of zeros is accepted.
+* The examples of each backward are counted independently: a forward pre-hook on the model reads the
+  leading dimension of its main input (``input_ids``, ``inputs_embeds``, ... or the first tensor), and every
+  clipped layer's input must have that many rows. An embedding looked up with ids of leading dimension 1
+  (BERT's position ids (1, T)) is expanded to the batch, which is exact; any other disagreement (a shared
+  input, sequence-first layouts, tokens flattened across examples), and one backward through two model
+  forwards, raise :class:`BatchMismatchError` naming the layer, its input and the fix.
+
 ``loss_reduction="mean"`` means the loss handed to backward is ``(1/b) sum_i L_i`` over the b examples of
 the physical batch: the engine multiplies by b to recover each ``g_i = grad L_i``. Each ``L_i`` must
 depend on example i alone (e.g. the mean over its own target tokens), never on a batch token count.
