@@ -31,6 +31,9 @@ and hooks) with ``ghostdp.integrations.bench`` (memory in a fresh process per en
 every GPU stage is skipped with its reason. Results, named by the device: ``<results-dir>/gpu_check_<device>``
 ``.{json,md,log}`` (stages) and ``engines_gpu_check_<device>.{json,md}`` (the benchmark table);
 ``--copy-to DIR`` copies them there after every stage.
+
+This driver imports only the standard library (nothing may be imported before the wheels stage); the
+stages that run Python of their own live in ``bench/gpu_check_stages.py``.
 """
 from __future__ import annotations
 
@@ -58,8 +61,6 @@ SITE = WHEELS / "site"
 #: transformers and peft. scipy and numpy are large compiled wheels: most GPU images have them.
 NEEDED = {"opacus": "opacus", "prv_accountant": "prv_accountant", "opt_einsum": "opt_einsum", "scipy": "scipy",
           "numpy": "numpy", "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging"}
-BLOCKED = ("prv_accountant", "opacus", "gguf")  # what ghostdp must run without (env stage)
-ENGINES = ("non-private", "ghostdp-auto-triton", "opacus-ghost", "opacus-hooks")
 PYTEST = ["-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs"]
 
 
@@ -73,183 +74,16 @@ class Stage:
 
 STAGES = (
     Stage("wheels", 15, False, ()),  # runs in the driver: nothing may import before it
-    Stage("env", 40, False, (("bench/gpu_check.py", "--stage", "env"),)),
+    Stage("env", 40, False, (("bench/gpu_check_stages.py", "--stage", "env"),)),
     Stage("kernels-real", 55, True, ((*PYTEST, "tests/kernels", "-m", "gpu"),)),
     Stage("kernels", 75, True, ((*PYTEST, "tests/kernels", "-m", "not gpu"),)),
     Stage("engine", 55, True, ((*PYTEST, "tests/engine/test_engine_gpu.py"),
-                               ("bench/gpu_check.py", "--stage", "engine"))),
-    Stage("bench-lora-7b", 100, True, (("bench/gpu_check.py", "--stage", "bench-lora-7b"),)),
-    Stage("bench-full-1b", 65, True, (("bench/gpu_check.py", "--stage", "bench-full-1b"),)),
-    Stage("max-batch", 65, True, (("bench/gpu_check.py", "--stage", "max-batch"),)),
+                               ("bench/gpu_check_stages.py", "--stage", "engine"))),
+    Stage("bench-lora-7b", 100, True, (("bench/gpu_check_stages.py", "--stage", "bench-lora-7b"),)),
+    Stage("bench-full-1b", 65, True, (("bench/gpu_check_stages.py", "--stage", "bench-full-1b"),)),
+    Stage("max-batch", 65, True, (("bench/gpu_check_stages.py", "--stage", "max-batch"),)),
 )
 STAGE_NAMES = [s.name for s in STAGES]
-
-
-def bench_cases():
-    from ghostdp.integrations.bench import Case
-
-    return {"bench-lora-7b": Case("llama2-7b", True, 1024, 8, device="cuda", dtype="bfloat16", lora_rank=16),
-            "bench-full-1b": Case("llama-1b", False, 1024, 8, device="cuda", dtype="bfloat16")}
-
-
-def engines() -> list[str]:
-    chosen = os.environ.get("GHOSTDP_GPU_CHECK_ENGINES")
-    return [e.strip() for e in chosen.split(",") if e.strip()] if chosen else list(ENGINES)
-
-
-# ----------------------------------------------------------------------------------------------- stages (in a child)
-
-def stage_env() -> dict:
-    """Import ghostdp from the checkout with the optional packages blocked, run what must work without them,
-    then report the versions and the device."""
-    for name in BLOCKED:
-        sys.modules[name] = None  # an import of any of them now raises ImportError
-    import torch
-
-    import ghostdp
-    import ghostdp.integrations.bench  # noqa: F401 - imports without opacus
-    from ghostdp import PrivacyEngine, accounting
-    from tests.helpers import lm_batch, lm_losses, tiny_llama
-
-    eps_rdp = accounting.epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5, accountant="rdp")
-    model = tiny_llama(True, dtype=torch.float32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    PrivacyEngine(model, opt, max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=1.0, impl="torch")
-    lm_losses(model, lm_batch([7, 4, 9, 5])).mean().backward()
-    opt.step()
-    for name in BLOCKED:
-        del sys.modules[name]
-    found = {name: importlib.util.find_spec(name) is not None for name in BLOCKED}
-    eps_prv = (accounting.epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5)
-               if found["prv_accountant"] else None)
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "triton", "transformers", "peft", "opacus", "prv-accountant", "numpy", "scipy", "pytest"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    cuda = torch.cuda.is_available()
-    out = {"status": "passed", "ghostdp": ghostdp.__file__, "python": sys.version.split()[0], "versions": versions,
-           "cuda": cuda, "torch_cuda": torch.version.cuda, "epsilon_rdp": eps_rdp, "epsilon_prv": eps_prv,
-           "optional_importable": found, "device": torch.cuda.get_device_name() if cuda else "cpu"}
-    if cuda:
-        props = torch.cuda.get_device_properties(0)
-        out.update(capability=f"sm_{props.major}{props.minor}", memory_bytes=props.total_memory)
-    out["summary"] = (f"ghostdp imports and steps without {', '.join(BLOCKED)}; RDP eps {eps_rdp:.3f}, "
-                      f"PRV eps {'-' if eps_prv is None else f'{eps_prv:.3f}'}; {out['device']}")
-    return out
-
-
-def stage_engine() -> dict:
-    sys.path.insert(0, str(REPO / "bench"))
-    from gpu_engine_check import run_checks
-
-    records = run_checks()
-    bad = [r for r in records if not r["passed"]]
-    synced = [r for r in records if r.get("sync_error")]
-    return {"status": "failed" if bad else "passed", "records": records,
-            "summary": f"{len(records) - len(bad)}/{len(records)} exact-reference checks passed (fp32, bf16 x "
-                       f"torch, triton x full, LoRA); host syncs inside backward: {len(synced)}"}
-
-
-TITLE = "GPU check: ghostdp vs non-private vs Opacus"
-
-
-def _save_rows(results: Path, new: dict) -> dict:
-    """Merge ``new`` into ``<results>.json`` and recompute every row's ratios; written at once, so a stage
-    stopped at its limit keeps the engines it finished."""
-    from ghostdp.integrations import bench
-
-    path = results.with_suffix(".json")
-    table = bench.merge_results(json.loads(path.read_text()) if path.exists() else None, new)
-    bench.add_ratios(table["rows"])
-    return bench.write_results(table, results, title=TITLE)
-
-
-def stage_bench(name: str, results: Path) -> dict:
-    """One case, one engine at a time (memory in a fresh process, then timed steps here), all rows of one
-    run id, so each ratio divides figures of this run; non-private first, as every ratio's base."""
-    from ghostdp.integrations import bench
-
-    case = bench_cases()[name]
-    steps = 3 if case.model == "llama2-7b" else 5
-    run = f"gpu-check-{name}-{datetime.datetime.now():%Y%m%dT%H%M%S}"
-    for engine in engines():
-        table = _save_rows(results, bench.compare([case], [engine], rounds=1, steps=steps, warmup=1, run=run))
-    keys = ("engine", "status", "step_min_s", "peak_bytes", "time_ratio_min", "memory_ratio")
-    rows = [{k: r.get(k) for k in keys} for r in table["rows"] if r["run"] == run]
-    failed = [r["engine"] for r in rows if r["status"].startswith("error")]
-    return {"status": "failed" if failed else "passed", "rows": rows,
-            "summary": "; ".join(f"{r['engine']}: {r['status']}" + (
-                f", {r['time_ratio_min']:.2f}x time, {r['memory_ratio']:.2f}x memory"
-                if r["time_ratio_min"] and r["memory_ratio"] else "") for r in rows)}
-
-
-def memory_budget() -> int:
-    """The memory a batch may fill: the GPU's, less 2 GiB for the CUDA context, cuBLAS workspaces and the
-    caching allocator's slack (none of which ``max_memory_allocated`` counts)."""
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory - 2 * 2**30
-
-
-def stage_max_batch(results: Path) -> dict:
-    """Per case and engine: peaks at B=2 (measured here) and at the case's B (from the bench stage, else
-    measured here), the line through them, the largest B within the GPU's memory less 2 GiB."""
-    import dataclasses as dc
-
-    from ghostdp.integrations import bench
-
-    budget = memory_budget()
-    verify = os.environ.get("GHOSTDP_GPU_CHECK_VERIFY") == "1"
-    path = results.with_suffix(".json")
-    table = json.loads(path.read_text()) if path.exists() else {"runs": {}, "rows": []}
-    known = {(r["case"], r["engine"]): r for r in table["rows"]}
-    found = []
-    for case in bench_cases().values():
-        for engine in engines():
-            peaks = {}
-            row = known.get((case.id, engine))
-            if row and row["status"] == "ok" and row["peak_bytes"]:
-                peaks[case.batch_size] = row["peak_bytes"]
-            for b in (2, case.batch_size):
-                if b not in peaks:
-                    rec = bench.measure_in_subprocess(dc.replace(case, batch_size=b), engine, steps=2, warmup=0)
-                    if rec["status"] != "ok":
-                        break
-                    peaks[b] = rec["peak_bytes"]
-            best = bench.predict_max_batch(peaks, budget) if len(peaks) == 2 else None
-            how = f"predicted from peaks at B={sorted(peaks)}" if best else "no prediction: " + (
-                "a batch did not run" if len(peaks) < 2 else "B=2 does not fit")
-            if best and verify:
-                rec = bench.measure_in_subprocess(dc.replace(case, batch_size=best), engine, steps=1, warmup=1,
-                                                  memory_budget=budget)
-                how += f"; verified: {rec['status']}"
-            log.info("max batch %s %s: %s (%s)", case.id, engine, best, how)
-            found.append({"case": case.id, "engine": engine, "max_batch": best, "method": how})
-            if row:  # written at once, so a stage stopped at its limit keeps what it found
-                row.update(max_batch=best, max_batch_budget_bytes=budget, max_batch_method=how)
-                bench.write_results(table, results, title=TITLE)
-    return {"status": "passed", "budget_bytes": budget, "max_batch": found,
-            "summary": "; ".join(f"{f['case'].split('-T')[0]} {f['engine']}: {f['max_batch']}" for f in found)}
-
-
-def run_stage(name: str, out: Path, results: Path) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    if name == "env":
-        record = stage_env()
-    elif name == "engine":
-        record = stage_engine()
-    elif name.startswith("bench-"):
-        record = stage_bench(name, results)
-    elif name == "max-batch":
-        record = stage_max_batch(results)
-    else:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
-    out.write_text(json.dumps(record, default=str))
-    return 0 if record["status"] == "passed" else 1
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -308,7 +142,7 @@ def run_commands(stage: Stage, limit: float, results: Path, logfile: Path) -> di
         out = logfile.parent / f"{stage.name}.json"  # the stage's record, beside the log in a scratch folder
         out.unlink(missing_ok=True)
         cmd = [sys.executable, *args]
-        if args[0].endswith("gpu_check.py"):
+        if args[0].endswith("gpu_check_stages.py"):
             cmd += ["--stage-out", str(out), "--results-dir", str(results.parent), "--bench-stem", results.name]
         with open(logfile, "a") as fh:
             fh.write(f"\n===== {stage.name}: {' '.join(args)}\n")
@@ -375,9 +209,6 @@ def parse_args(argv):
     p.add_argument("--results-dir", default=None, help="where results go (default bench/results; a dry run "
                    "writes files only when this is given)")
     p.add_argument("--copy-to", default=None, help="also copy the result files here after every stage")
-    p.add_argument("--stage", choices=[n for n in STAGE_NAMES if n != "wheels"], help=argparse.SUPPRESS)
-    p.add_argument("--stage-out", help=argparse.SUPPRESS)
-    p.add_argument("--bench-stem", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     for group in ("skip", "only"):
         names = [n for n in getattr(ns, group).split(",") if n]
@@ -413,9 +244,6 @@ def skip_reason(stage: Stage, ns, *, env_ok: bool, cuda: bool, limit: float) -> 
 
 def main(argv=None) -> int:
     ns = parse_args(argv if argv is not None else sys.argv[1:])
-    if ns.stage:
-        results_dir = Path(ns.results_dir)
-        return run_stage(ns.stage, Path(ns.stage_out), results_dir / ns.bench_stem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gpu_check %(message)s", stream=sys.stderr)
     t0 = time.monotonic()
     write = not ns.dry_run or ns.results_dir is not None

@@ -1,6 +1,7 @@
-"""The GPU check (bench/gpu_check.sh, bench/gpu_check.py) where there is no GPU: the dry run skips every GPU
-stage and says why, the env stage proves ghostdp imports and steps without prv-accountant, opacus and gguf,
-a stage over its limit is killed with its process group, and the wheels stage finds what to install."""
+"""The GPU check (bench/gpu_check.sh, gpu_check.py, gpu_check_stages.py) where there is no GPU: the dry run
+skips every GPU stage and says why, the env stage proves ghostdp imports and steps without prv-accountant,
+opacus and gguf, a stage over its limit is killed with its process group, the wheels stage finds what to
+install, and the benchmark stages work on a tiny CPU case."""
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,18 @@ from tests.helpers import REPO
 GPU_STAGES = ["kernels-real", "kernels", "engine", "bench-lora-7b", "bench-full-1b", "max-batch"]
 
 
+def _load(name: str):
+    """bench/<name>.py as a module (bench/ is no package), loaded once."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def _driver():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up there
-    spec.loader.exec_module(sys.modules["gpu_check"])
-    return sys.modules["gpu_check"]
+    return _load("gpu_check")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +141,7 @@ def test_bench_and_max_batch_stages_on_a_cpu_case(tmp_path, monkeypatch):
     of one run, so the ratios divide by that run's non-private row; the largest batch lands in the table."""
     from ghostdp.integrations import bench
 
-    gc = _driver()
+    gc = _load("gpu_check_stages")
     case = bench.Case("tiny-llama", False, 128, 8)
     monkeypatch.setattr(gc, "bench_cases", lambda: {"bench-tiny": case})
     monkeypatch.setattr(gc, "memory_budget", lambda: 8 * 2**30)
