@@ -438,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a failure while running: say what, keep the traceback in the log file
         logger.error("ghostdp %s failed: %s: %s (traceback in %s)", ns.command, type(exc).__name__, exc,
                      run_dir / "ghostdp.log")
+        if ns.command in ("train", "pipeline", "synthesize"):
+            from ghostdp.integrations.synthetic.pipeline import interruption_message
+
+            logger.error("Once the cause is fixed: %s", interruption_message(ns.command, run_dir))
         logger.debug("traceback", exc_info=True)
         file_handler.handle(logging.LogRecord("ghostdp.cli", logging.ERROR, __file__, 0, "traceback", None,
                                               sys.exc_info()))

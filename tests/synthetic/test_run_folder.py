@@ -379,6 +379,27 @@ def test_killed_between_the_model_files_and_their_metadata_resumes_at_the_final_
     assert json.loads((run / "model" / "ghostdp_model.json").read_text())["privacy"]["steps"] == 2
 
 
+def test_a_failure_after_a_checkpoint_says_the_rerun_resumes(setup, monkeypatch, capsys):
+    from ghostdp.integrations.hf.trainer import DPTrainer
+
+    root, cfg = setup
+    run = root / "run"
+    original, calls = DPTrainer.training_step, {"n": 0}
+
+    def fails_at_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("device lost")
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(DPTrainer, "training_step", fails_at_step_3)
+        assert _train(cfg("four.toml", steps=4), run) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: device lost" in err
+    assert "Once the cause is fixed: Re-run the same command" in err and "checkpoint-2" in err
+
+
 def test_interrupted_before_a_checkpoint_says_it_starts_over(setup, monkeypatch, capsys):
     root, cfg = setup
     run = root / "run"
