@@ -15,7 +15,8 @@ env                40  versions, the device; ghostdp imports from the checkout (
                        step and an RDP epsilon with prv-accountant, opacus and gguf blocked
 kernels-real       55  ``pytest tests/kernels -m gpu``: the Triton kernels against their twins at Llama-2-7B
                        sizes (compiled, not interpreted)
-kernels            75  ``pytest tests/kernels -m "not gpu"``: every kernel test, compiled for this GPU
+kernels            75  ``pytest tests/kernels -m "not gpu"``: every kernel test, compiled for this GPU (but
+                       the ahead-of-time compile matrix, which CI runs)
 engine             55  ``pytest tests/engine/test_engine_gpu.py`` and ``bench/gpu_engine_check.py``: one DP
                        step vs the float64 reference in fp32 and bf16, twins and kernels, full and LoRA,
                        backward under ``torch.cuda.set_sync_debug_mode("error")``
@@ -76,7 +77,9 @@ STAGES = (
     Stage("wheels", 15, False, ()),  # runs in the driver: nothing may import before it
     Stage("env", 40, False, (("bench/gpu_check_stages.py", "--stage", "env"),)),
     Stage("kernels-real", 55, True, ((*PYTEST, "tests/kernels", "-m", "gpu"),)),
-    Stage("kernels", 75, True, ((*PYTEST, "tests/kernels", "-m", "not gpu"),)),
+    # The ahead-of-time compile matrix is CPU work that CI already runs: not worth GPU minutes.
+    Stage("kernels", 75, True, ((*PYTEST, "tests/kernels", "-m", "not gpu",
+                                 "--ignore=tests/kernels/test_kernel_aot.py"),)),
     Stage("engine", 55, True, ((*PYTEST, "tests/engine/test_engine_gpu.py"),
                                ("bench/gpu_check_stages.py", "--stage", "engine"))),
     Stage("bench-lora-7b", 100, True, (("bench/gpu_check_stages.py", "--stage", "bench-lora-7b"),)),
