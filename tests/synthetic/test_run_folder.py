@@ -403,11 +403,16 @@ def test_a_failure_after_a_checkpoint_says_the_rerun_resumes(setup, monkeypatch,
 def test_interrupted_before_a_checkpoint_says_it_starts_over(setup, monkeypatch, capsys):
     root, cfg = setup
     run = root / "run"
+    noise = cfg("noseed.toml", dp_seed=None)  # OS-entropy noise: a second label release would differ
     with monkeypatch.context() as m:
         _interrupt_at(m, 2)
-        assert _train(cfg(), run) == 130
+        assert _train(noise, run, "--label-epsilon", "0.01") == 130
     assert "training starts again from step 0" in capsys.readouterr().err
     assert not (run / "private" / "trainer").exists() or not any((run / "private" / "trainer").glob("checkpoint-*"))
+    drawn = json.loads((run / "private" / "train_attempt.json").read_text())["label_release"]
+    assert _train(noise, run, "--label-epsilon", "0.01") == 0
+    # It started over with the label counts the first attempt released, not a second release.
+    assert json.loads((run / "model" / "ghostdp_model.json").read_text())["label_release"] == drawn
 
 
 def test_checkpoint_timer_asks_for_a_save_when_its_minutes_have_passed():

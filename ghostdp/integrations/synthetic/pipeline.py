@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -91,6 +92,9 @@ logger = logging.getLogger(__name__)
 
 #: ``extra=`` of the log record a stage writes once its checks passed (the CLI's run log starts writing there).
 COMMIT = {"ghostdp_commit": True}
+#: train.target_epsilon=inf: the clipping bound that never binds, and the marker written where epsilon would be.
+NO_CLIP = 1e30
+NOT_PRIVATE = "NOT PRIVATE: epsilon = inf, trained without noise and without clipping (a baseline, not a release)"
 
 _FORMAT = 1
 
@@ -146,10 +150,31 @@ def _build_model(cfg: TrainConfig):
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM", **layers,
         ))
+    elif cfg.method == "prompt":
+        from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+        model = get_peft_model(model, PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=cfg.prompt_tokens, prompt_tuning_init=PromptTuningInit.RANDOM))
+        drop_virtual_logits(model, cfg.prompt_tokens)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     return model, tokenizer
+
+
+def drop_virtual_logits(model: torch.nn.Module, n_virtual: int) -> None:
+    """A PEFT prompt-tuned model returns logits for its n virtual positions too, (B, n + T, V); its callers here
+    (the per-example LM loss, perplexity, label scoring) pair logits with the T input positions. Keep those:
+    the virtual positions carry no label (PEFT itself labels them -100), so the per-example loss is unchanged."""
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = getattr(output, "logits", None)
+        if ids is not None and logits is not None and logits.shape[1] == ids.shape[1] + n_virtual:
+            output.logits = logits[:, n_virtual:]
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
 
 
 def checkpoint_timer(minutes: float):
@@ -283,9 +308,11 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
     resume = _resume_point(paths, config)
 
     release = None
-    attempt = _read_json(paths.attempt) if resume is not None else {}
-    if cfg.label_epsilon is not None and attempt.get("label_release") is not None:
-        release = LabelRelease(**attempt["label_release"])  # drawn once per training run, not once per attempt
+    attempt = _read_json(paths.attempt) if paths.attempt.is_file() else {}
+    same_run = bool(attempt) and not setting_differences(attempt.get("identity"), _train_identity(config))
+    if cfg.label_epsilon is not None and same_run and attempt.get("label_release") is not None:
+        # Drawn once per training run, not once per attempt: a second draw would be a second release.
+        release = LabelRelease(**attempt["label_release"])
     elif cfg.label_epsilon is not None:
         rng = np.random.default_rng(None if cfg.dp_seed is None else [cfg.dp_seed, 2])
         release = release_label_counts(data.label_counts(), cfg.label_epsilon, rng=rng)
@@ -298,13 +325,18 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
                   "trainable_parameters": trainable}
     collator = make_collator(tokenizer, {"template": cfg.template, "dataset_name": cfg.dataset_name,
                                          "max_length": cfg.max_length})
+    nonprivate = math.isinf(cfg.target_epsilon)  # epsilon = inf: a NOT private baseline, no noise, no clipping
+    if nonprivate:
+        logger.warning("train.target_epsilon=inf: training WITHOUT noise and without clipping (C=%g never binds). "
+                       "The generator and its samples are NOT private: a baseline for comparisons only.", NO_CLIP)
     args = DPTrainingArguments(
-        output_dir=str(paths.trainer), target_epsilon=cfg.target_epsilon, target_delta=delta,
+        output_dir=str(paths.trainer), target_epsilon=None if nonprivate else cfg.target_epsilon, target_delta=delta,
+        **({"noise_multiplier": 0.0} if nonprivate else {}),
         logical_batch_size=cfg.logical_batch_size, per_device_train_batch_size=cfg.physical_batch_size,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, weight_decay=0.0,
-        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, clipping=cfg.clipping, dp_seed=cfg.dp_seed,
-        seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, logging_steps=1, save_strategy="steps",
+        max_grad_norm=NO_CLIP if nonprivate else cfg.max_grad_norm, accountant=cfg.accountant, clipping=cfg.clipping,
+        dp_seed=cfg.dp_seed, seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, logging_steps=1, save_strategy="steps",
         save_steps=cfg.checkpoint_steps, save_total_limit=2, report_to="none",
         remove_unused_columns=False, dataloader_pin_memory=False, disable_tqdm=not show_progress,
     )
@@ -389,6 +421,10 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
         "label_release": release.to_dict() if release is not None else None,
         "training": {"learning_rate": cfg.learning_rate, "identity": _train_identity(config)},
     }
+    if nonprivate:  # epsilon inf is not JSON: the epsilons become null beside an explicit NOT PRIVATE marker
+        log = [{**r, "epsilon": None} for r in log]
+        info["privacy"].update(epsilon_total=None, epsilon_train=None, epsilon_train_rdp=None, target_epsilon=None,
+                               not_private=NOT_PRIVATE)
     record = {"log": log, "seconds": round(time.time() - started, 1), "num_examples": N,
               "resumed_from": str(resume) if resume is not None else None,
               "note": "PRIVATE: losses on private batches without noise, the exact N and the time; not releasable"}
@@ -403,8 +439,8 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
     paths.attempt.unlink(missing_ok=True)
     record_config(config, paths, info)
     logger.info("Generator written to %s: (epsilon=%.4g, delta=%.3g)-DP (%.4g DP-SGD over %d steps, sigma=%.4g; "
-                "%.4g label counts)", paths.model, info["privacy"]["epsilon_total"], priv["delta"], eps_train,
-                priv["steps"], priv["noise_multiplier"], eps_labels)
+                "%.4g label counts)%s", paths.model, spent.epsilon_total, priv["delta"], eps_train,
+                priv["steps"], priv["noise_multiplier"], eps_labels, f" {NOT_PRIVATE}" if nonprivate else "")
     device = next(model.parameters()).device
     return LoadedGenerator(model=model, tokenizer=tokenizer, collator=collator, info=info, device=device)
 
