@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AuditConfig", "AuditResult", "audit_model", "train_dp"]
 
+#: How each score is labelled in results and plots.
+SCORE_LABELS = {"loss": "loss drop vs base (nats)", "white_box": "white-box: -<grad L(theta_0), update>"}
+
 
 @dataclass(frozen=True)
 class AuditConfig:
@@ -238,7 +241,7 @@ def audit_model(
         epsilon_lower_bound=best.epsilon_lower_bound, claimed_epsilon=float(claimed), accountant_epsilon=float(eps_acc),
         delta=config.delta, confidence=config.confidence, noise_multiplier=sigma, sample_rate=sample_rate,
         steps=config.steps, num_canaries=m, best=best, tried=tried, scores=np.asarray(scores), included=canaries.included,
-        seconds={"train": t2 - t1, "score": (t1 - t0) + (t3 - t2)}, what="model", score_kind=config.score,
+        seconds={"train": t2 - t1, "score": (t1 - t0) + (t3 - t2)}, what="model", score_kind=SCORE_LABELS[config.score],
     )
     level = logging.ERROR if result.exceeds_claim else logging.INFO
     log.log(level, "audit (model): epsilon >= %.3f at %.0f%% confidence (%d/%d correct guesses); claimed %.3f%s",
