@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "PrivacyEngine": ("ghostdp.engine.privacy_engine", "PrivacyEngine"),
     "UnsupportedModuleError": ("ghostdp.engine.errors", "UnsupportedModuleError"),
+    "UnclippedGradientError": ("ghostdp.engine.errors", "UnclippedGradientError"),
+    "BatchMismatchError": ("ghostdp.engine.errors", "BatchMismatchError"),
     "per_example_lm_loss": ("ghostdp.engine.loss", "per_example_lm_loss"),
     "DPTrainer": ("ghostdp.integrations.hf.trainer", "DPTrainer"),
     "DPTrainingArguments": ("ghostdp.integrations.hf.args", "DPTrainingArguments"),

@@ -17,3 +17,16 @@ def test_contract_names_import():
     assert issubclass(ghostdp.UnsupportedModuleError, Exception)
     for attr in ("per_sample_norms", "epsilon", "steps", "state_dict", "load_state_dict", "detach"):
         assert hasattr(ghostdp.PrivacyEngine, attr) or attr in ("per_sample_norms", "steps"), attr
+
+
+def test_refusal_errors_and_audit_contract_are_public():
+    import ghostdp
+    from ghostdp.audit import epsilon_lower_bound
+    from ghostdp.engine.errors import BatchMismatchError, UnclippedGradientError, UnsupportedModuleError
+
+    assert ghostdp.UnclippedGradientError is UnclippedGradientError
+    assert ghostdp.BatchMismatchError is BatchMismatchError
+    assert ghostdp.UnsupportedModuleError is UnsupportedModuleError
+    params = inspect.signature(epsilon_lower_bound).parameters
+    for name in ("num_guesses", "num_correct", "confidence", "delta", "num_canaries"):
+        assert name in params, name
