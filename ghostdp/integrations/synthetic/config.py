@@ -161,11 +161,14 @@ class TrainConfig:
     model: str = field(default="smollm2-135m", metadata=_help(
         "Causal LM to fine-tune: 'smollm2-135m' (embedded SmolLM2-135M-Instruct), a Hugging Face name or a "
         "local path."))
-    method: Literal["lora", "full"] = field(default="lora", metadata=_help(
-        "'lora' (PEFT LoRA adapters only; the base stays frozen) or 'full' (every parameter)."))
+    method: Literal["lora", "full", "prompt"] = field(default="lora", metadata=_help(
+        "'lora' (PEFT LoRA adapters only; the base stays frozen), 'full' (every parameter) or 'prompt' (PEFT prompt "
+        "tuning: prompt_tokens randomly initialised virtual tokens, everything else frozen)."))
     quantization: str | None = field(default=None, metadata=_help(
         "'4bit': QLoRA, the frozen base loaded in NF4 by bitsandbytes (>= 0.46, CPU or CUDA) under LoRA adapters; "
         "needs method='lora'. none: full-precision base."))
+    prompt_tokens: int = field(default=20, metadata=_help(
+        "Virtual tokens of method='prompt' (trainable parameters: prompt_tokens x hidden size)."))
     lora_rank: int = field(default=8, metadata=_help("LoRA rank r."))
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha (the update is scaled by alpha / r)."))
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA branch (per example, so DP-safe)."))
@@ -175,7 +178,8 @@ class TrainConfig:
         "Adapt only the top N transformer blocks (none: all). Back-propagation stops at the lowest adapted block, "
         "so a step gets cheaper, and fewer trainable parameters means less total DP noise."))
     target_epsilon: float = field(default=3.0, metadata=_help(
-        "epsilon of DP-SGD training; the noise is calibrated so the planned steps spend at most this."))
+        "epsilon of DP-SGD training; the noise is calibrated so the planned steps spend at most this. inf: NOT "
+        "private, no noise and no clipping (a baseline for comparisons, never a release)."))
     delta: float | None = field(default=None, metadata=_help("delta of (epsilon, delta)-DP (none: 1/(2N))."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Per-example clipping bound C."))
     logical_batch_size: int = field(default=64, metadata=_help(
@@ -212,7 +216,8 @@ class TrainConfig:
         owner = "train"
         _check(isinstance(self.model, str) and self.model.strip() != "",
                f"train.model={self.model!r}: need a name or path.")
-        _choice(owner, "method", self.method, ("lora", "full"))
+        _choice(owner, "method", self.method, ("lora", "full", "prompt"))
+        _positive_int(owner, "prompt_tokens", self.prompt_tokens)
         _check(self.quantization in (None, "4bit"), f"train.quantization={self.quantization!r}: pick '4bit' (QLoRA) "
                "or none (full precision).")
         _check(self.quantization is None or self.method == "lora", "train.quantization='4bit' needs method='lora': "
@@ -222,11 +227,14 @@ class TrainConfig:
         _number(owner, "lora_alpha", self.lora_alpha, low=0)
         _number(owner, "lora_dropout", self.lora_dropout, low=0, high=0.99, low_open=False)
         targets = _as_str_tuple(self.lora_targets, "train.lora_targets")
-        _check(len(targets) > 0 or self.method == "full", "train.lora_targets is empty: name the modules that get "
+        _check(len(targets) > 0 or self.method != "lora", "train.lora_targets is empty: name the modules that get "
                "LoRA adapters (e.g. q_proj,v_proj), or use method='full'.")
         object.__setattr__(self, "lora_targets", targets)
-        _number(owner, "target_epsilon", self.target_epsilon, low=0,
-                hint="DP synthesis always trains under a finite budget.")
+        if isinstance(self.target_epsilon, str) and self.target_epsilon.strip().lower() == "inf":
+            object.__setattr__(self, "target_epsilon", math.inf)  # as JSON records hold it
+        if self.target_epsilon != math.inf:  # inf: the non-private baseline (no noise, no clipping)
+            _number(owner, "target_epsilon", self.target_epsilon, low=0,
+                    hint="DP synthesis trains under a finite budget (inf only for a non-private baseline).")
         _number(owner, "delta", self.delta, low=0, high=1, allow_none=True, hint="Leave it none for 1/(2N).")
         if self.delta is not None:
             _check(self.delta < 1, f"train.delta={self.delta}: need a probability well below 1/N.")

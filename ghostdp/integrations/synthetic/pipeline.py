@@ -115,6 +115,8 @@ def _train_identity(config: RunConfig) -> dict[str, Any]:
     t = dataclasses.asdict(config.train)
     for k in _NOT_IDENTITY:
         t.pop(k, None)
+    if t["target_epsilon"] == math.inf:  # the non-private baseline; JSON has no inf (TrainConfig reads "inf")
+        t["target_epsilon"] = "inf"
     return json.loads(json.dumps({"data": d, "train": t}))
 
 

@@ -1,0 +1,167 @@
+"""``ghostdp study``: the method x epsilon grid, resume, and epsilon inf labelled not private everywhere."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ghostdp.integrations.synthetic.config import ConfigError, build_run_config
+from ghostdp.integrations.synthetic.study import (
+    CELL_FILE,
+    StudyGrid,
+    cell_dir,
+    eps_label,
+    parse_epsilons,
+    run_study,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class FakeRunner:
+    """Stands in for the pipeline: figures are a known function of (method, epsilon, seed); calls are counted."""
+
+    def __init__(self, fail_on: tuple | None = None):
+        self.calls: list[tuple] = []
+        self.fail_on = fail_on
+
+    def __call__(self, config, run_dir, *, show_progress=True):
+        t = config.train
+        key = (t.method, t.target_epsilon, Path(run_dir).name)
+        if key == self.fail_on:
+            raise KeyboardInterrupt("interrupted mid-study")
+        self.calls.append(key)
+        base = {"lora": 0.8, "prompt": 0.7, "full": 0.6}[t.method]
+        eps = 10.0 if math.isinf(t.target_epsilon) else t.target_epsilon
+        acc = base + 0.01 * eps + 0.001 * t.seed
+        return {"accuracy_synthetic": acc, "mauve": 0.5, "perplexity": 20.0 - eps, "label_fidelity": 0.9,
+                "accuracy_dp_on_real": 0.7 + 0.01 * eps, "accuracy_real_ceiling": 0.9, "accuracy_prior_floor": 0.55}
+
+
+def base_config(tmp_path):
+    for name in ("t.tsv", "e.tsv"):
+        (tmp_path / name).write_text("label\tsentence\n0\ta\n1\tb\n", encoding="utf-8")
+    return build_run_config({"data": {"train_data": str(tmp_path / "t.tsv"), "eval_data": str(tmp_path / "e.tsv")},
+                             "train": {"dp_seed": 5, "seed": 1}})
+
+
+def test_grid_and_parsing():
+    assert parse_epsilons("1, 3,8,inf") == (1.0, 3.0, 8.0, math.inf)
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_epsilons("1,three")
+    with pytest.raises(ConfigError, match="pick from"):
+        StudyGrid(methods=("lora", "adapter"))
+    with pytest.raises(ConfigError, match="> 0"):
+        StudyGrid(epsilons=(0.0,))
+    assert len(StudyGrid(methods=("lora", "full"), epsilons=(1.0, math.inf), seeds=2).cells()) == 8
+
+
+def test_resume_skips_finished_cells_and_seeds_shift(tmp_path):
+    config = base_config(tmp_path)
+    grid = StudyGrid(methods=("lora", "prompt"), epsilons=(1.0, math.inf), seeds=2)
+    root = tmp_path / "study"
+    first = FakeRunner(fail_on=("prompt", 1.0, "seed-1"))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, root, grid, runner=first)
+    assert len(first.calls) == 5  # lora x 2 eps x 2 seeds, then prompt eps 1 seed 0
+    assert (cell_dir(root, "prompt", 1.0, 0) / CELL_FILE).is_file()
+    assert not (cell_dir(root, "prompt", 1.0, 1) / CELL_FILE).exists()
+
+    second = FakeRunner()
+    summary = run_study(config, root, grid, runner=second)
+    assert second.calls == [("prompt", 1.0, "seed-1"), ("prompt", math.inf, "seed-0"), ("prompt", math.inf, "seed-1")]
+    third = FakeRunner()
+    run_study(config, root, grid, runner=third)
+    assert third.calls == []  # everything finished: nothing re-run
+
+    row = next(r for r in summary["rows"] if r["method"] == "lora" and r["epsilon"] == "1")
+    assert row["accuracy_synthetic"]["mean"] == pytest.approx(0.8 + 0.01 + 0.0015)  # train.seed 1 + i: 1, 2
+    assert row["accuracy_synthetic"]["n"] == 2 and row["accuracy_synthetic"]["std"] > 0
+    cell = json.loads((cell_dir(root, "lora", 1.0, 1) / CELL_FILE).read_text())
+    assert cell["seed"] == 1 and cell["private"] is True
+
+
+def test_inf_is_labelled_not_private_everywhere(tmp_path, caplog):
+    config = base_config(tmp_path)
+    grid = StudyGrid(methods=("lora",), epsilons=(3.0, math.inf), seeds=1)
+    root = tmp_path / "study"
+    summary = run_study(config, root, grid, runner=FakeRunner())
+    assert eps_label(math.inf) == "inf (not private)"
+    assert "NOT private" in caplog.text
+    inf_cell = json.loads((cell_dir(root, "lora", math.inf, 0) / CELL_FILE).read_text())
+    assert inf_cell["epsilon"] == "inf (not private)" and inf_cell["private"] is False
+    data = json.loads((root / "study.json").read_text())
+    for entry in data["rows"] + data["dp_on_real"] + data["cells"]:
+        infinite = entry["epsilon"].startswith("inf")
+        assert infinite == (entry["epsilon"] == "inf (not private)") == (entry["private"] is False)
+    assert data["config"]["epsilons"] == ["3", "inf (not private)"]
+    md = (root / "study.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and "inf" in line]
+    assert table and all("inf (not private)" in line for line in table)
+    assert "trained on real (not private)" in md and "DP-trained on real" in md
+    assert "| lora | inf (not private) |" in md
+    assert (root / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["dp_on_real"][1]["kind"] == "trained on real (not private)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real pipeline on a tiny Llama: prompt tuning and the non-private cell
+# ----------------------------------------------------------------------------------------------------
+
+POS = "good great wonderful superb lovely".split()
+NEG = "bad awful dull boring tedious".split()
+FILLER = "the film movie plot acting story".split()
+
+
+@pytest.fixture
+def tiny_config(tmp_path, make_word_tokenizer):
+    from tests.helpers import tiny_llama
+
+    rng = random.Random(0)
+
+    def rows(n):
+        out = []
+        for i in range(n):
+            words = rng.choices(FILLER, k=3) + rng.choices(POS if i % 2 else NEG, k=2)
+            rng.shuffle(words)
+            out.append((i % 2, " ".join(words)))
+        return out
+
+    for name, n in (("train.tsv", 48), ("dev.tsv", 24)):
+        (tmp_path / name).write_text("label\tsentence\n" + "".join(f"{y}\t{t}\n" for y, t in rows(n)),
+                                     encoding="utf-8")
+    tok = make_word_tokenizer(POS + NEG + FILLER + ["[", "][", "]:", "sst2", "negative", "positive"], pad=True)
+    tiny_llama(True, vocab=len(tok), dtype=torch.float32).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return build_run_config({
+        "data": {"train_data": str(tmp_path / "train.tsv"), "eval_data": str(tmp_path / "dev.tsv"),
+                 "text_column": "sentence", "label_names": {"0": "negative", "1": "positive"}},
+        "train": {"model": str(tmp_path / "tiny"), "lora_targets": ["q_proj", "v_proj"], "logical_batch_size": 16,
+                  "physical_batch_size": 8, "max_steps": 2, "max_length": 16, "label_epsilon": 0.5, "dp_seed": 1,
+                  "use_cpu": True, "prompt_tokens": 4},
+        "synthesize": {"num_samples": 16, "gen_batch_size": 8, "max_new_tokens": 6},
+        "evaluate": {"dp_steps": 5, "dp_batch_size": 16, "floor_samples": 8, "perplexity_rows": 8,
+                     "memorization_top_k": 2},
+    })
+
+
+@pytest.mark.usefixtures("minilm_embedder")
+def test_tiny_study_prompt_and_not_private_cells(tmp_path, tiny_config):
+    root = tmp_path / "study"
+    grid = StudyGrid(methods=("prompt",), epsilons=(3.0, math.inf), seeds=1)
+    summary = run_study(tiny_config, root, grid, show_progress=False)
+    private = cell_dir(root, "prompt", 3.0, 0)
+    info = json.loads((private / "model" / "ghostdp_model.json").read_text())
+    assert info["method"] == "prompt" and info["trainable_parameters"] == 4 * 16  # 4 virtual tokens x d=16
+    assert 0 < info["privacy"]["epsilon_total"] <= 3.5 and (private / "report.md").is_file()
+    nonpriv = cell_dir(root, "prompt", math.inf, 0)
+    info = json.loads((nonpriv / "model" / "ghostdp_model.json").read_text())
+    assert info["privacy"]["epsilon_total"] is None and "NOT PRIVATE" in info["privacy"]["not_private"]
+    assert info["privacy"]["noise_multiplier"] == 0.0
+    assert not (nonpriv / "report.md").exists()  # no report claiming a guarantee
+    for row in summary["rows"]:
+        assert row["accuracy_synthetic"]["n"] == 1 and row["perplexity"]["mean"] > 1
