@@ -54,6 +54,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "synthesize": ("synthesize", "train"),
     "evaluate": ("data", "evaluate", "train"),
     "pipeline": ("data", "train", "synthesize", "evaluate"),
+    "study": ("data", "train", "synthesize", "evaluate"),
 }
 
 COMMAND_HELP = {
@@ -61,6 +62,8 @@ COMMAND_HELP = {
     "synthesize": "Sample DP synthetic text from <run-dir>/model (resumable; writes <run-dir>/synthetic).",
     "evaluate": "Score <run-dir>/synthetic on real held-out data against the baselines (writes the report).",
     "pipeline": "train, synthesize and evaluate in one run folder.",
+    "study": ("The pipeline over fine-tuning methods x epsilons x seeds, one run folder per cell (resumable), with one "
+              "table (study.md/json) and one plot (study.png). Epsilon inf = not private (no noise, no clipping)."),
 }
 
 BENCH_HELP = ("Speed and memory of ghostdp against non-private training and Opacus "
@@ -100,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ghostdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ghostdp {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,synthesize,evaluate,pipeline,bench,audit}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,synthesize,evaluate,pipeline,bench,audit,study}")
     for command, sections in COMMAND_SECTIONS.items():
         p = sub.add_parser(command, help=COMMAND_HELP[command], description=COMMAND_HELP[command],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "spin-wait for each other stall when they do not all get a core.")
         common.add_argument("-v", "--verbose", action="count", default=0, help="More logging (-vv: debug).")
         common.add_argument("-q", "--quiet", action="store_true", help="Warnings and errors only.")
+        if command == "study":
+            common.add_argument("--methods", default="lora,prompt,full", metavar="M1,M2",
+                                help="Generator fine-tuning methods (lora, prompt, full). Default: lora,prompt,full.")
+            common.add_argument("--epsilons", default="1,3,8,inf", metavar="E1,E2",
+                                help="Training epsilons; inf = NOT private (no noise, no clipping). Default: 1,3,8,inf.")
+            common.add_argument("--seeds", type=int, default=3, metavar="N",
+                                help="Runs per (method, epsilon), fresh DP noise each. Default: 3.")
         if command == "pipeline":
             common.add_argument("--seeds", type=int, default=1, metavar="N",
                                 help="Repeat the whole run N times with fresh DP noise (<run-dir>/seed-<i>) and "
@@ -209,7 +219,7 @@ def _check_data_paths(config: RunConfig, command: str) -> None:
     from ghostdp.integrations.synthetic.text_data import default_sst2_dir
 
     model = config.train.model
-    if command in ("train", "pipeline") and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+    if command in ("train", "pipeline", "study") and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
         raise ConfigError(f"train.model={model!r}: no such folder. Name a local model folder, a Hugging Face model "
                           "name, or 'smollm2-135m'.")
     data = config.data
@@ -342,6 +352,13 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
     elif ns.command == "evaluate":
         result = pipeline.evaluate_step(config, run_dir, show_progress=show)
         _print_headline(result.headline, result.report_md)
+    elif ns.command == "study":
+        from ghostdp.integrations.synthetic.study import StudyGrid, parse_epsilons, parse_methods, run_study
+
+        grid = StudyGrid(parse_methods(ns.methods), parse_epsilons(ns.epsilons), ns.seeds)
+        run_study(config, run_dir, grid, show_progress=show)
+        print((run_dir / "study.md").read_text(encoding="utf-8") + f"\nStudy: {run_dir / 'study.md'}, "
+              f"{run_dir / 'study.json'}, {run_dir / 'study.png'}")
     elif ns.seeds > 1:
         from ghostdp.integrations.synthetic.seeds import run_seeds, seeds_markdown
 
@@ -433,7 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         from ghostdp.integrations.synthetic.pipeline import interruption_message
 
-        logger.error("Interrupted. %s", interruption_message(ns.command, run_dir))
+        logger.error("Interrupted. %s", f"Re-run the same command with --run-dir {run_dir}: finished cells are not run "
+                     "again; the interrupted cell continues as its pipeline does." if ns.command == "study"
+                     else interruption_message(ns.command, run_dir))
         return EXIT_INTERRUPTED
     except Exception as exc:  # a failure while running: say what, keep the traceback in the log file
         logger.error("ghostdp %s failed: %s: %s (traceback in %s)", ns.command, type(exc).__name__, exc,

@@ -165,3 +165,25 @@ def test_tiny_study_prompt_and_not_private_cells(tmp_path, tiny_config):
     assert not (nonpriv / "report.md").exists()  # no report claiming a guarantee
     for row in summary["rows"]:
         assert row["accuracy_synthetic"]["n"] == 1 and row["perplexity"]["mean"] > 1
+
+
+def test_cli_study_runs_the_grid_and_refuses_bad_grids(tmp_path, capsys, monkeypatch):
+    from ghostdp.cli import main
+    from ghostdp.integrations.synthetic import study
+
+    assert main(["study", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--methods" in out and "--epsilons" in out and "NOT private" in out
+    config = base_config(tmp_path)
+    args = ["--train-data", config.data.train_data, "--eval-data", config.data.eval_data, "--no-progress"]
+    assert main(["study", "--methods", "lora,adapter", "--run-dir", str(tmp_path / "bad"), *args]) == 2
+    assert "pick from lora, prompt, full" in capsys.readouterr().err
+    assert main(["study", "--epsilons", "1,x", "--run-dir", str(tmp_path / "bad"), *args]) == 2
+    fake = FakeRunner()
+    monkeypatch.setattr(study, "run_cell", fake)
+    root = tmp_path / "cli-study"
+    assert main(["study", "--methods", "full", "--epsilons", "8,inf", "--seeds", "1", "--run-dir", str(root),
+                 *args]) == 0
+    assert fake.calls == [("full", 8.0, "seed-0"), ("full", math.inf, "seed-0")]
+    assert "| full | inf (not private) |" in capsys.readouterr().out
+    assert (root / "study.json").is_file() and (root / "full" / "eps-inf" / "seed-0" / CELL_FILE).is_file()
