@@ -162,7 +162,8 @@ class PrivacyEngine:
             model in ``DistributedDataParallel``: its gradient hooks never fire, ghostdp reduces itself.
         impl: kernels for norms, clipped sums and noise: "triton" (fused kernels; CUDA, or the CPU
             interpreter under TRITON_INTERPRET=1), "torch" (the PyTorch twins) or "auto" (Triton on CUDA
-            when it is importable, else the twins).
+            when it is importable, else the twins). Under "auto" a kernel that fails to compile or launch
+            runs its twin instead, with one ``KernelFallbackWarning``; under "triton" it raises.
     """
 
     def __init__(
@@ -528,9 +529,9 @@ class PrivacyEngine:
         norm2 = torch.zeros(B, dtype=dtype, device=device)
         shared = self.clipping == "per_sample"
         for uses in ctx.uses.values():
-            impl = self._impl_for(uses[0])
-            method = _norm_method(uses[0], self.clipping, impl)
-            norm2 += summed_norm2(uses, method, shared, impl).to(device, dtype)
+            resolved = self._resolved_impl(uses[0])
+            method = _norm_method(uses[0], self.clipping, resolved)
+            norm2 += summed_norm2(uses, method, shared, self._kernel_impl(resolved)).to(device, dtype)
         norms = norm2.sqrt() * scale
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale  # c_i, times the "mean" undo
         for p in ctx.uses:
@@ -546,11 +547,24 @@ class PrivacyEngine:
             self._mark_written(p)
         self.per_sample_norms = norms
 
-    def _impl_for(self, grad: PerExampleGrad) -> str:
-        """Kernels serve linear weights (``Factored``); the other forms are small and run in PyTorch."""
+    def _resolved_impl(self, grad: PerExampleGrad) -> str:
+        """"triton" or "torch" for this use. Kernels serve linear weights (``Factored``); the other forms
+        are small and run in PyTorch."""
         if not isinstance(grad, Factored):
             return "torch"
         return kernels.resolve_impl(self.impl, grad.a, grad.g, op="PrivacyEngine")
+
+    def _kernel_impl(self, resolved: str) -> str:
+        """What the kernels are called with once ``resolved`` is known: "torch" for the twins, else the
+        engine's own ``impl``. So ``impl="auto"`` reaches the kernels as "auto" and a kernel that fails to
+        compile or launch falls back to its twin with one ``KernelFallbackWarning`` (``kernels.dispatch.
+        run_kernel``), while ``impl="triton"`` raises. The kernels resolve "auto" from the same tensors, so
+        they pick what the engine resolved."""
+        return "torch" if resolved == "torch" else self.impl
+
+    def _impl_for(self, grad: PerExampleGrad) -> str:
+        """The ``impl`` this use's kernels are called with (see :meth:`_kernel_impl`)."""
+        return self._kernel_impl(self._resolved_impl(grad))
 
     # ------------------------------------------------------------------ optimizer step
     def _noise_generator(self, device: torch.device) -> torch.Generator:
@@ -560,12 +574,13 @@ class PrivacyEngine:
         return self.generator
 
     def _noise_impl(self, p: torch.Tensor) -> str:
-        """The noise implementation of ``p``, resolved once at attach (``self._noise_impls``)."""
-        impl = self._noise_impls.get(p)
-        if impl is None:  # a parameter the engine does not clip is never noised; resolve for completeness
-            impl = self._noise_impls[p] = kernels.resolve_impl(
+        """The ``impl`` ``add_noise_`` gets for ``p``: resolved once at attach (``self._noise_impls``), passed
+        down as :meth:`_kernel_impl` says (so "auto" keeps its fallback)."""
+        resolved = self._noise_impls.get(p)
+        if resolved is None:  # a parameter the engine does not clip is never noised; resolve for completeness
+            resolved = self._noise_impls[p] = kernels.resolve_impl(
                 self.impl, p, op="PrivacyEngine noise", kernel_dtypes=TWIN_DTYPES)
-        return impl
+        return self._kernel_impl(resolved)
 
     def _world_size(self) -> int:
         import torch.distributed as dist
