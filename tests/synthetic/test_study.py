@@ -166,6 +166,18 @@ def test_tiny_study_prompt_and_not_private_cells(tmp_path, tiny_config):
     for row in summary["rows"]:
         assert row["accuracy_synthetic"]["n"] == 1 and row["perplexity"]["mean"] > 1
 
+    # The prompt-tuned generator reloads from its folder (adapter over the base; virtual-position logits dropped).
+    from ghostdp.integrations.synthetic.synthesize import load_generator
+
+    gen = load_generator(private / "model", use_cpu=True)
+    assert gen.model(input_ids=torch.tensor([[3, 4, 5]])).logits.shape[:2] == (1, 3)
+    # Hyperparameter-ranking fidelity on a study cell, through the CLI.
+    from ghostdp.cli import main
+
+    assert main(["evaluate", "--run-dir", str(private), "--hparam-grid", "C=0.1,10", "--no-progress"]) == 0
+    result = json.loads((private / "hparam" / "hparam.json").read_text())
+    assert len(result["rows"]) == 4 and "regret" in result and (private / "hparam" / "hparam.png").is_file()
+
 
 def test_cli_study_runs_the_grid_and_refuses_bad_grids(tmp_path, capsys, monkeypatch):
     from ghostdp.cli import main

@@ -235,18 +235,23 @@ def load_generator(model_dir: str | Path, *, use_cpu: bool = False) -> LoadedGen
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if info["method"] == "lora":
+    if info["method"] in ("lora", "prompt"):  # PEFT adapters (LoRA, or the virtual tokens of prompt tuning)
         from peft import PeftModel
 
         from ghostdp.integrations.hf.models import load_causal_lm
 
         base, _ = load_causal_lm(info["base_model"], quantization=info.get("quantization"))  # as trained
         model = PeftModel.from_pretrained(base, str(model_dir))
+        if info["method"] == "prompt":
+            from ghostdp.integrations.synthetic.pipeline import drop_virtual_logits
+
+            drop_virtual_logits(model, model.active_peft_config.num_virtual_tokens)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.to(device).eval()
-    logger.info("Loaded the %s generator from %s (base %s, epsilon=%.4g)", info["method"], model_dir,
-                info["base_model"], info["privacy"]["epsilon_total"])
+    eps = info["privacy"]["epsilon_total"]
+    logger.info("Loaded the %s generator from %s (base %s, epsilon=%s)", info["method"], model_dir,
+                info["base_model"], "inf: NOT PRIVATE" if eps is None else f"{eps:.4g}")
     return LoadedGenerator(model=model, tokenizer=tokenizer, collator=make_collator(tokenizer, info), info=info,
                            device=device)
 
