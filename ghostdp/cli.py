@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="Training epsilons; inf = NOT private (no noise, no clipping). Default: 1,3,8,inf.")
             common.add_argument("--seeds", type=int, default=3, metavar="N",
                                 help="Runs per (method, epsilon), fresh DP noise each. Default: 3.")
+            common.add_argument("--method-lr", metavar="M=LR,...", help="Learning rate per method, e.g. "
+                                "lora=1e-2,prompt=5e-2,full=2e-4 (default: --learning-rate for every method).")
         if command == "pipeline":
             common.add_argument("--seeds", type=int, default=1, metavar="N",
                                 help="Repeat the whole run N times with fresh DP noise (<run-dir>/seed-<i>) and "
@@ -353,10 +355,11 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
         result = pipeline.evaluate_step(config, run_dir, show_progress=show)
         _print_headline(result.headline, result.report_md)
     elif ns.command == "study":
-        from ghostdp.integrations.synthetic.study import StudyGrid, parse_epsilons, parse_methods, run_study
+        from ghostdp.integrations.synthetic import study
 
-        grid = StudyGrid(parse_methods(ns.methods), parse_epsilons(ns.epsilons), ns.seeds)
-        run_study(config, run_dir, grid, show_progress=show)
+        grid = study.StudyGrid(study.parse_methods(ns.methods), study.parse_epsilons(ns.epsilons), ns.seeds,
+                               study.parse_method_lr(ns.method_lr))
+        study.run_study(config, run_dir, grid, show_progress=show)
         print((run_dir / "study.md").read_text(encoding="utf-8") + f"\nStudy: {run_dir / 'study.md'}, "
               f"{run_dir / 'study.json'}, {run_dir / 'study.png'}")
     elif ns.seeds > 1:

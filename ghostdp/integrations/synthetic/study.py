@@ -65,11 +65,14 @@ class StudyGrid:
         epsilons: training budgets (``train.target_epsilon``); ``inf`` = not private (no noise, no clipping).
         seeds: runs per (method, epsilon); seed i shifts ``train.seed``, ``synthesize.sample_seed`` and a set
             ``train.dp_seed`` by i (with dp_seed none, the noise comes from OS entropy in every run).
+        learning_rates: ``(method, lr)`` pairs replacing ``train.learning_rate`` for that method (the methods
+            train very different numbers of parameters and rarely share a good learning rate).
     """
 
     methods: tuple[str, ...] = METHODS
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0, math.inf)
     seeds: int = 3
+    learning_rates: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -81,6 +84,10 @@ class StudyGrid:
             raise ConfigError(f"study methods {list(self.methods)} / epsilons {list(self.epsilons)} repeat a value.")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ConfigError(f"study seeds={self.seeds!r}: need an int >= 1.")
+        for m, lr in self.learning_rates:
+            if m not in METHODS or not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+                raise ConfigError(f"study learning rate {m}={lr!r}: need a method of {', '.join(METHODS)} and a "
+                                  "finite lr > 0 (e.g. --method-lr lora=1e-2,prompt=5e-2,full=2e-4).")
 
     def cells(self) -> list[tuple[str, float, int]]:
         return [(m, e, s) for m in self.methods for e in self.epsilons for s in range(self.seeds)]
@@ -88,6 +95,22 @@ class StudyGrid:
 
 def parse_methods(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def parse_method_lr(text: str | None) -> tuple[tuple[str, float], ...]:
+    """``"lora=1e-2,prompt=5e-2"`` -> ``(("lora", 0.01), ("prompt", 0.05))``."""
+    out = []
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        m, sep, v = part.partition("=")
+        try:
+            out.append((m.strip(), float(v)))
+        except ValueError:
+            raise ConfigError(f"--method-lr {text!r}: write METHOD=LR pairs, e.g. lora=1e-2,prompt=5e-2.") from None
+        if not sep:
+            raise ConfigError(f"--method-lr {text!r}: write METHOD=LR pairs, e.g. lora=1e-2,prompt=5e-2.")
+    return tuple(out)
 
 
 def parse_epsilons(text: str) -> tuple[float, ...]:
@@ -106,10 +129,12 @@ def cell_dir(root: Path, method: str, eps: float, seed: int) -> Path:
     return Path(root) / method / _eps_dir(eps) / f"seed-{seed}"
 
 
-def cell_config(base: RunConfig, method: str, eps: float, seed: int) -> RunConfig:
+def cell_config(base: RunConfig, method: str, eps: float, seed: int,
+                learning_rates: tuple[tuple[str, float], ...] = ()) -> RunConfig:
     t, s = base.train, base.synthesize
     train = dataclasses.replace(t, method=method, target_epsilon=eps, seed=t.seed + seed,
-                                dp_seed=None if t.dp_seed is None else t.dp_seed + seed)
+                                dp_seed=None if t.dp_seed is None else t.dp_seed + seed,
+                                learning_rate=dict(learning_rates).get(method, t.learning_rate))
     return dataclasses.replace(base, train=train,
                                synthesize=dataclasses.replace(s, sample_seed=s.sample_seed + seed))
 
@@ -223,7 +248,8 @@ def run_study(config: RunConfig, run_dir: str | Path, grid: StudyGrid, *, show_p
                 continue
             logger.info("Cell %d/%d: %s, epsilon %s, seed %d in %s", k + 1, len(todo), method, eps_label(eps), seed,
                         where)
-            figures = runner(cell_config(config, method, eps, seed), where, show_progress=show_progress)
+            figures = runner(cell_config(config, method, eps, seed, grid.learning_rates), where,
+                             show_progress=show_progress)
             record = {"method": method, "epsilon": eps_label(eps), "private": not math.isinf(eps), "seed": seed,
                       "run_dir": str(where), **figures}
             where.mkdir(parents=True, exist_ok=True)
@@ -231,7 +257,8 @@ def run_study(config: RunConfig, run_dir: str | Path, grid: StudyGrid, *, show_p
             cells.append(record)
         summary = summarize(cells, grid)
         summary["config"] = {"methods": list(grid.methods), "epsilons": [eps_label(e) for e in grid.epsilons],
-                             "seeds": grid.seeds, "model": config.train.model, "train_data": config.data.train_data,
+                             "seeds": grid.seeds, "learning_rates": {m: dict(grid.learning_rates).get(
+                                 m, config.train.learning_rate) for m in grid.methods}, "model": config.train.model, "train_data": config.data.train_data,
                              "train_rows": config.data.train_rows, "num_samples": config.synthesize.num_samples,
                              "classifier": config.evaluate.classifier}
         write_text_atomic(root / "study.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -276,7 +303,8 @@ def study_markdown(summary: dict[str, Any]) -> str:
         "",
         f"Generator {cfg.get('model', '?')} on {cfg.get('train_data', '?')} (rows: {cfg.get('train_rows') or 'all'}); "
         f"{cfg.get('num_samples', '?')} synthetic samples per cell; downstream classifier {cfg.get('classifier', '?')}"
-        f"; {cfg.get('seeds', '?')} seed(s) per cell (mean ± sample std). Accuracies are on REAL held-out data.",
+        f"; {cfg.get('seeds', '?')} seed(s) per cell (mean ± sample std); learning rates {cfg.get('learning_rates')}"
+        ". Accuracies are on REAL held-out data.",
         "",
         f"epsilon 'inf ({NOT_PRIVATE})': trained without noise and without clipping, a baseline that is NOT private.",
         "Every cell trained on the same private data: release at most one finite-epsilon cell.",
