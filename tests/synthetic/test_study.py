@@ -13,8 +13,10 @@ from ghostdp.integrations.synthetic.config import ConfigError, build_run_config
 from ghostdp.integrations.synthetic.study import (
     CELL_FILE,
     StudyGrid,
+    cell_config,
     cell_dir,
     eps_label,
+    parse_method_lr,
     parse_epsilons,
     run_study,
 )
@@ -58,6 +60,20 @@ def test_grid_and_parsing():
     with pytest.raises(ConfigError, match="> 0"):
         StudyGrid(epsilons=(0.0,))
     assert len(StudyGrid(methods=("lora", "full"), epsilons=(1.0, math.inf), seeds=2).cells()) == 8
+    assert parse_method_lr("lora=1e-2, full=2e-4") == (("lora", 0.01), ("full", 0.0002))
+    with pytest.raises(ConfigError, match="METHOD=LR"):
+        parse_method_lr("lora")
+    with pytest.raises(ConfigError, match="finite lr > 0"):
+        StudyGrid(learning_rates=(("lora", -1.0),))
+
+
+def test_cell_config_sets_method_epsilon_seeds_and_learning_rate(tmp_path):
+    base = base_config(tmp_path)
+    cfg = cell_config(base, "full", math.inf, 2, (("full", 2e-4), ("lora", 1e-2)))
+    t = cfg.train
+    assert (t.method, t.target_epsilon, t.seed, t.dp_seed, t.learning_rate) == ("full", math.inf, 3, 7, 2e-4)
+    assert cfg.synthesize.sample_seed == base.synthesize.sample_seed + 2
+    assert cell_config(base, "prompt", 3.0, 0, (("full", 2e-4),)).train.learning_rate == base.train.learning_rate
 
 
 def test_resume_skips_finished_cells_and_seeds_shift(tmp_path):
