@@ -16,8 +16,8 @@ from ghostdp.integrations.synthetic.study import (
     cell_config,
     cell_dir,
     eps_label,
-    parse_method_lr,
     parse_epsilons,
+    parse_method_lr,
     run_study,
 )
 
@@ -128,9 +128,9 @@ def test_inf_is_labelled_not_private_everywhere(tmp_path, caplog):
 # The real pipeline on a tiny Llama: prompt tuning and the non-private cell
 # ----------------------------------------------------------------------------------------------------
 
-POS = "good great wonderful superb lovely".split()
-NEG = "bad awful dull boring tedious".split()
-FILLER = "the film movie plot acting story".split()
+POS = ["good", "great", "wonderful", "superb", "lovely"]
+NEG = ["bad", "awful", "dull", "boring", "tedious"]
+FILLER = ["the", "film", "movie", "plot", "acting", "story"]
 
 
 @pytest.fixture

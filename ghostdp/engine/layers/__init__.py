@@ -1,5 +1,13 @@
 """Per-layer clipping rules. Importing this package registers every built-in rule."""
-from ghostdp.engine.layers import affine, embedding, layernorm, linear, lora, rmsnorm  # noqa: F401  (registers)
+from ghostdp.engine.layers import (  # noqa: F401  (registers)
+    affine,
+    embedding,
+    layernorm,
+    linear,
+    lora,
+    prompt,
+    rmsnorm,
+)
 from ghostdp.engine.layers.registry import (
     LayerRule,
     register_layer,

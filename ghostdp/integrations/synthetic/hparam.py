@@ -34,8 +34,15 @@ import numpy as np
 
 from ghostdp.integrations.synthetic.text_data import LabelledTexts
 
-__all__ = ["HParamGrid", "parse_grid", "rank_fidelity", "score_grid", "hparam_fidelity", "write_hparam",
-           "hparam_run"]
+__all__ = [
+    "HParamGrid",
+    "hparam_fidelity",
+    "hparam_run",
+    "parse_grid",
+    "rank_fidelity",
+    "score_grid",
+    "write_hparam",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +160,7 @@ def rank_fidelity(synthetic_acc: Sequence[float], real_acc: Sequence[float]) -> 
     if s.shape != r.shape or s.ndim != 1 or len(s) == 0:
         raise ValueError(f"rank_fidelity: need two equally long non-empty lists, got {s.shape} and {r.shape}.")
     best_real, best_syn = _first_argmax(r), _first_argmax(s)
-    out: dict[str, Any] = {"n_configs": int(len(s)), "best_real": best_real, "best_synthetic": best_syn,
+    out: dict[str, Any] = {"n_configs": len(s), "best_real": best_real, "best_synthetic": best_syn,
                            "regret": float(r[best_real] - r[best_syn])}
     defined = len(s) >= 2 and np.ptp(s) > 0 and np.ptp(r) > 0
     if defined:
@@ -198,7 +205,10 @@ def hparam_fidelity(grid: HParamGrid, *, synthetic: LabelledTexts, private: Labe
         from sklearn.linear_model import LogisticRegression
 
         if embedder is None:
-            from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
+            from ghostdp.integrations.synthetic.embeddings import (
+                EmbedderConfig,
+                MiniLMEmbedder,
+            )
 
             embedder = MiniLMEmbedder(EmbedderConfig(device=device, show_progress=show_progress))
         feats = {k: np.asarray(embedder.embed(v.texts), dtype=np.float64) for k, v in sets.items()}
@@ -209,7 +219,10 @@ def hparam_fidelity(grid: HParamGrid, *, synthetic: LabelledTexts, private: Labe
             clf.fit(feats[side], np.asarray(sets[side].labels, dtype=object))
             return classification_metrics(heldout.labels, [str(y) for y in clf.predict(test)], names)["accuracy"]
     else:
-        from ghostdp.integrations.synthetic.classifiers import FineTuneConfig, MiniLMClassifier
+        from ghostdp.integrations.synthetic.classifiers import (
+            FineTuneConfig,
+            MiniLMClassifier,
+        )
 
         def train_and_score(side: str, cfg: dict[str, Any]) -> float:
             clf = MiniLMClassifier(FineTuneConfig(lr=cfg["lr"], epochs=cfg["epochs"], weight_decay=cfg["weight_decay"],
@@ -233,9 +246,9 @@ def hparam_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Hyperparameter-ranking fidelity",
         "",
-        f"Classifier: {result.get('classifier', '?')}; each configuration trained on the synthetic set "
-        f"(n={result.get('n_synthetic', '?')}) and on the real private training set (n={result.get('n_real', '?')}), "
-        f"both scored on the real held-out set (n={result.get('n_heldout', '?')}).",
+        (f"Classifier: {result.get('classifier', '?')}; each configuration trained on the synthetic set "
+         f"(n={result.get('n_synthetic', '?')}) and on the real private training set "
+         f"(n={result.get('n_real', '?')}), both scored on the real held-out set (n={result.get('n_heldout', '?')})."),
         "",
         f"- Spearman rho: {_fmt(result['spearman'])} (p={_fmt(result['spearman_p'], 3)})",
         f"- Kendall tau-b: {_fmt(result['kendall'])} (p={_fmt(result['kendall_p'], 3)})",
@@ -295,7 +308,12 @@ def hparam_run(config: Any, run_dir: str | Path, grid: HParamGrid, *, show_progr
 
     from ghostdp.integrations.synthetic.config import ConfigError
     from ghostdp.integrations.synthetic.evaluate import synthetic_texts_from_rows
-    from ghostdp.integrations.synthetic.run_folder import RunPaths, check_fingerprint, load_eval_data, load_private_data
+    from ghostdp.integrations.synthetic.run_folder import (
+        RunPaths,
+        check_fingerprint,
+        load_eval_data,
+        load_private_data,
+    )
     from ghostdp.integrations.synthetic.synthesize import GENERATOR_META, read_synthetic
 
     paths = RunPaths(Path(run_dir))

@@ -36,7 +36,7 @@ from typing import Any
 
 from ghostdp.integrations.synthetic.config import ConfigError, RunConfig
 
-__all__ = ["StudyGrid", "parse_epsilons", "parse_methods", "run_study", "study_markdown", "eps_label"]
+__all__ = ["StudyGrid", "eps_label", "parse_epsilons", "parse_methods", "run_study", "study_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,16 @@ def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool) -> d
 
     from ghostdp.integrations.synthetic import evaluate, pipeline
     from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
-    from ghostdp.integrations.synthetic.run_folder import RunPaths, load_eval_data, load_private_data
-    from ghostdp.integrations.synthetic.synthesize import GENERATOR_META, load_generator, read_synthetic
+    from ghostdp.integrations.synthetic.run_folder import (
+        RunPaths,
+        load_eval_data,
+        load_private_data,
+    )
+    from ghostdp.integrations.synthetic.synthesize import (
+        GENERATOR_META,
+        load_generator,
+        read_synthetic,
+    )
     from ghostdp.integrations.synthetic.text_data import LabelledTexts
 
     started = time.time()
@@ -227,7 +235,10 @@ def run_study(config: RunConfig, run_dir: str | Path, grid: StudyGrid, *, show_p
 
     ``runner(config, cell_dir, show_progress=...)`` defaults to :func:`run_cell`.
     """
-    from ghostdp.integrations.synthetic.run_folder import lock_run_folder, write_text_atomic
+    from ghostdp.integrations.synthetic.run_folder import (
+        lock_run_folder,
+        write_text_atomic,
+    )
 
     runner = runner or run_cell
     root = Path(run_dir)
@@ -301,10 +312,10 @@ def study_markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# Fine-tuning method x epsilon study",
         "",
-        f"Generator {cfg.get('model', '?')} on {cfg.get('train_data', '?')} (rows: {cfg.get('train_rows') or 'all'}); "
-        f"{cfg.get('num_samples', '?')} synthetic samples per cell; downstream classifier {cfg.get('classifier', '?')}"
-        f"; {cfg.get('seeds', '?')} seed(s) per cell (mean ± sample std); learning rates {cfg.get('learning_rates')}"
-        ". Accuracies are on REAL held-out data.",
+        (f"Generator {cfg.get('model', '?')} on {cfg.get('train_data', '?')} (rows: {cfg.get('train_rows') or 'all'}"
+         f"); {cfg.get('num_samples', '?')} synthetic samples per cell; downstream classifier "
+         f"{cfg.get('classifier', '?')}; {cfg.get('seeds', '?')} seed(s) per cell (mean ± sample std); learning rates "
+         f"{cfg.get('learning_rates')}. Accuracies are on REAL held-out data."),
         "",
         f"epsilon 'inf ({NOT_PRIVATE})': trained without noise and without clipping, a baseline that is NOT private.",
         "Every cell trained on the same private data: release at most one finite-epsilon cell.",
