@@ -4,8 +4,8 @@ Public functions (all take ``impl="auto" | "triton" | "torch"``, see :mod:`.disp
 
 - :func:`linear_norm2_instantiated`, :func:`linear_norm2_ghost`, :func:`bias_norm2`:
   per-example squared gradient norms, (B,) fp32.
-- :func:`linear_clipped_sum`, :func:`bias_clipped_sum`: out (+)= scale * (sum_i c_i G_i +
-  noise_std * z), noise drawn inside the kernel.
+- :func:`linear_clipped_sum`, :func:`bias_clipped_sum`: out (+)= sum_i c_i G_i, the clipped
+  sum of one physical batch (the step noise is added once, by :func:`add_noise_`).
 - :func:`add_noise_`: grad <- scale * (grad + noise_std * z) in place; :func:`noise_seed`
   derives per-(step, parameter) seeds.
 - :func:`norm_cost`: flops and scratch bytes of each norm method, for the engine's choice.

@@ -1,20 +1,20 @@
-"""Triton tier of :mod:`ghostdp.kernels.clipped_sum`: the clipped, noised weight-gradient sum of
-a Linear layer, written straight into the gradient buffer.
+"""Triton tier of :mod:`ghostdp.kernels.clipped_sum`: the clipped weight-gradient sum of a Linear
+layer, written straight into the gradient buffer.
 
-    out (+)= scale * (sum_i c_i g_i^T a_i + noise_std * z),   z = philox_normal(seed, row * d + col)
+    out (+)= sum_i c_i g_i^T a_i
 
 Imported only on first use; ``clipped_sum.py`` validates the arguments.
 
 Each program owns one (BLOCK_P, BLOCK_D) tile of the output. For every example i it forms
 g_i^T a_i over T in an fp32 register tile, then adds c_i times it to a second fp32 tile: the
 clip factor multiplies an fp32 result instead of rounding c_i * g_i to the input dtype (which
-could push a clipped gradient past the clipping norm). The noise is drawn in registers and the
-result rounded once into ``out``; no (p, d) noise tensor and no fp32 copy of ``out`` exist.
+could push a clipped gradient past the clipping norm). The result is rounded once into ``out``;
+no fp32 copy of ``out`` exists. (No noise: the engine adds it once per step, after every physical
+batch, with :func:`ghostdp.kernels.add_noise_`.)
 
 When the output has fewer tiles than the GPU has SMs (LoRA: p or d = r), the examples are split
 over ``splits`` programs per tile writing fp32 partial tiles to a (splits, p, d) workspace, and a
-second elementwise kernel sums them, adds the noise and writes ``out``. Both paths key the noise
-by the same element index, so the seed fixes z whatever the split.
+second elementwise kernel sums them and writes ``out``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from ghostdp.kernels._linear_norms_triton import dot_config, mma
-from ghostdp.kernels._noise_triton import philox_normal
 from ghostdp.kernels._tiles import LaunchConfig, clipped_sum_blocks
 from ghostdp.kernels.dispatch import check_kernel_mode
 
@@ -34,16 +33,12 @@ logger = logging.getLogger(__name__)
 
 
 @triton.jit
-def _finish(out_ptr, offs, mask, acc, scale, noise_std, seed,
-            HAS_NOISE: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_FP64: tl.constexpr):
-    """out[offs] (+)= scale * (acc + noise_std * z[offs]); one rounding into out's dtype.
+def _finish(out_ptr, offs, mask, acc, ACCUMULATE: tl.constexpr, OUT_FP64: tl.constexpr):
+    """out[offs] (+)= acc; one rounding into out's dtype.
 
-    ``offs`` are int64 flat indices row * d + col into the contiguous (p, d) output (also the
-    Philox counters). Accumulation into ``out`` is in fp32, or fp64 for a float64 ``out``.
+    ``offs`` are int64 flat indices row * d + col into the contiguous (p, d) output. Accumulation
+    into ``out`` is in fp32, or fp64 for a float64 ``out``.
     """
-    if HAS_NOISE:
-        acc = acc + noise_std * philox_normal(seed, offs)
-    acc = acc * scale
     if OUT_FP64:
         res = acc.to(tl.float64)
     else:
@@ -57,15 +52,14 @@ def _finish(out_ptr, offs, mask, acc, scale, noise_std, seed,
 def _clipped_sum_kernel(
     a_ptr, g_ptr, c_ptr, out_ptr, work_ptr,
     B, T, D, P, n_tiles_d, examples_per_split,
-    scale, noise_std, seed,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_NOISE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
     OUT_FP64: tl.constexpr,
 ):
     """One (BLOCK_P, BLOCK_D) tile of sum_{i in split} c_i g_i^T a_i, in fp32.
 
-    SPLIT False: one split holds every example; finish the tile into ``out`` (noise included).
+    SPLIT False: one split holds every example; finish the tile into ``out``.
     SPLIT True: store the partial tile to work[split] for :func:`_finish_splits_kernel`.
     """
     tile = tl.program_id(0)
@@ -95,23 +89,21 @@ def _clipped_sum_kernel(
     if SPLIT:
         tl.store(work_ptr + split.to(tl.int64) * P * D + offs, acc, mask=mask)
     else:
-        _finish(out_ptr, offs, mask, acc, scale, noise_std, seed,
-                HAS_NOISE, ACCUMULATE, OUT_FP64)
+        _finish(out_ptr, offs, mask, acc, ACCUMULATE, OUT_FP64)
 
 
 @triton.jit
 def _finish_splits_kernel(
-    work_ptr, out_ptr, n, n_splits, scale, noise_std, seed,
-    BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    OUT_FP64: tl.constexpr,
+    work_ptr, out_ptr, n, n_splits,
+    BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_FP64: tl.constexpr,
 ):
-    """out (+)= scale * (sum_s work[s] + noise_std * z), elementwise over the p * d entries."""
+    """out (+)= sum_s work[s], elementwise over the p * d entries."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, n_splits):
         acc += tl.load(work_ptr + s * n + offs, mask=mask, other=0.0)
-    _finish(out_ptr, offs, mask, acc, scale, noise_std, seed, HAS_NOISE, ACCUMULATE, OUT_FP64)
+    _finish(out_ptr, offs, mask, acc, ACCUMULATE, OUT_FP64)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -127,17 +119,17 @@ def choose_splits(n_tiles: int, B: int, device: torch.device) -> int:
 
 
 def clipped_sum_launch(T: int, d: int, p: int, dtype: torch.dtype, device_type: str, *,
-                       split: bool, noise: bool, accumulate: bool,
+                       split: bool, accumulate: bool,
                        out_dtype: torch.dtype) -> LaunchConfig:
     """Constexprs and num_warps of :func:`_clipped_sum_kernel` for a (B, T, d), g (B, T, p).
 
     With ``split`` the kernel only stores fp32 partial tiles (the epilogue runs in
     :func:`_finish_splits_kernel`), so the epilogue flags are fixed to False there: one compiled
-    variant per tile and dtype instead of one per (noise, accumulate, output dtype) as well.
+    variant per tile and dtype instead of one per (accumulate, output dtype) as well.
     """
     blocks = clipped_sum_blocks(T, d, p)
-    flags = (dict(HAS_NOISE=False, ACCUMULATE=False, OUT_FP64=False) if split else
-             dict(HAS_NOISE=noise, ACCUMULATE=accumulate, OUT_FP64=out_dtype == torch.float64))
+    flags = (dict(ACCUMULATE=False, OUT_FP64=False) if split else
+             dict(ACCUMULATE=accumulate, OUT_FP64=out_dtype == torch.float64))
     return LaunchConfig(dict(BLOCK_P=blocks.rows, BLOCK_D=blocks.cols, BLOCK_T=blocks.inner,
                              **dot_config(dtype, device_type), SPLIT=split, **flags),
                         blocks.num_warps)
@@ -147,15 +139,14 @@ def clipped_sum_launch(T: int, d: int, p: int, dtype: torch.dtype, device_type: 
 FINISH_BLOCK = 1024
 
 
-def finish_splits_launch(*, noise: bool, accumulate: bool, out_dtype: torch.dtype) -> LaunchConfig:
+def finish_splits_launch(*, accumulate: bool, out_dtype: torch.dtype) -> LaunchConfig:
     """Constexprs and num_warps of :func:`_finish_splits_kernel` (Triton's default 4 warps)."""
-    return LaunchConfig(dict(BLOCK=FINISH_BLOCK, HAS_NOISE=noise, ACCUMULATE=accumulate,
+    return LaunchConfig(dict(BLOCK=FINISH_BLOCK, ACCUMULATE=accumulate,
                              OUT_FP64=out_dtype == torch.float64), 4)
 
 
 def linear_clipped_sum_triton(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, out: torch.Tensor,
-                              *, accumulate: bool, scale: float, noise_std: float, seed: int,
-                              splits: int | None = None) -> None:
+                              *, accumulate: bool, splits: int | None = None) -> None:
     """Launcher. a (B, T, d), g (B, T, p) contiguous, one dtype; c (B,) float32 or float64; out
     (p, d) contiguous, written (accumulate False) or accumulated into. ``splits`` overrides the
     split heuristic (tests use it to exercise both paths).
@@ -179,22 +170,19 @@ def linear_clipped_sum_triton(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
     per_split = triton.cdiv(B, n_splits) if B else 0
     logger.debug("linear_clipped_sum: (p, d) = (%d, %d), %d tiles of %s, %d split(s) of %d "
                  "examples", p, d, n_tiles, blocks, n_splits, per_split)
-    flags = dict(noise=noise_std > 0, accumulate=accumulate, out_dtype=out.dtype)
+    flags = dict(accumulate=accumulate, out_dtype=out.dtype)
     launch = clipped_sum_launch(T, d, p, a.dtype, a.device.type, split=n_splits > 1, **flags)
-    seed = int(seed)
     if n_splits == 1:
         _clipped_sum_kernel[(n_tiles, 1)](
             a, g, c, out, out, B, T, d, p, n_tiles_d, per_split,
-            float(scale), float(noise_std), seed,
             num_warps=launch.num_warps, **launch.constexprs)
         return
     work = torch.empty((n_splits, p, d), dtype=torch.float32, device=a.device)  # partial tiles
     # out_ptr is unused when SPLIT: pass the workspace, so the variant does not depend on out's dtype.
     _clipped_sum_kernel[(n_tiles, n_splits)](
         a, g, c, work, work, B, T, d, p, n_tiles_d, per_split,
-        float(scale), float(noise_std), seed,
         num_warps=launch.num_warps, **launch.constexprs)
     finish = finish_splits_launch(**flags)
     _finish_splits_kernel[(triton.cdiv(p * d, FINISH_BLOCK),)](
-        work, out, p * d, n_splits, float(scale), float(noise_std), seed,
+        work, out, p * d, n_splits,
         num_warps=finish.num_warps, **finish.constexprs)

@@ -139,22 +139,20 @@ def variants() -> list[Variant]:
                 "a_ptr": f"*{t}", "g_ptr": f"*{t}", "pairs_ptr": "*i32", "partial_ptr": "*fp32",
                 "T": "i32", "D": "i32", "P": "i32", "n_pairs": "i32",
             }, ln.ghost_launch(T, d, p, dtype, "cuda"))] = None
-            for split, noise, acc, out_dtype, seed in itertools.product(
-                    bools, bools, bools, TWIN_DTYPES, SEED_TYPES):
-                launch = cs.clipped_sum_launch(T, d, p, dtype, "cuda", split=split, noise=noise,
+            for split, acc, out_dtype in itertools.product(bools, bools, TWIN_DTYPES):
+                launch = cs.clipped_sum_launch(T, d, p, dtype, "cuda", split=split,
                                                accumulate=acc, out_dtype=out_dtype)
                 out_t = "fp32" if split else _triton_type(out_dtype)  # SPLIT: the workspace
                 found[_variant("clipped_sum", "_clipped_sum_kernel", {
                     "a_ptr": f"*{t}", "g_ptr": f"*{t}", "c_ptr": "*fp32", "out_ptr": f"*{out_t}",
                     "work_ptr": f"*{out_t}", "B": "i32", "T": "i32", "D": "i32", "P": "i32",
-                    "n_tiles_d": "i32", "examples_per_split": "i32", "scale": "fp32",
-                    "noise_std": "fp32", "seed": seed,
+                    "n_tiles_d": "i32", "examples_per_split": "i32",
                 }, launch)] = None
-    for noise, acc, out_dtype, seed in itertools.product(bools, bools, TWIN_DTYPES, SEED_TYPES):
+    for acc, out_dtype in itertools.product(bools, TWIN_DTYPES):
         found[_variant("clipped_sum", "_finish_splits_kernel", {
             "work_ptr": "*fp32", "out_ptr": f"*{_triton_type(out_dtype)}", "n": "i32",
-            "n_splits": "i32", "scale": "fp32", "noise_std": "fp32", "seed": seed,
-        }, cs.finish_splits_launch(noise=noise, accumulate=acc, out_dtype=out_dtype))] = None
+            "n_splits": "i32",
+        }, cs.finish_splits_launch(accumulate=acc, out_dtype=out_dtype))] = None
     for dtype, noise, seed in itertools.product(TWIN_DTYPES, bools, SEED_TYPES):
         found[_variant("noise", "_add_noise_kernel", {
             "x_ptr": f"*{_triton_type(dtype)}", "n": "i32", "scale": "fp32", "noise_std": "fp32",

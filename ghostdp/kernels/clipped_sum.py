@@ -1,17 +1,17 @@
-"""Clipped (and optionally noised) per-example gradient sums of a Linear layer.
+"""Clipped per-example gradient sums of a Linear layer (the book-keeping step of ghost clipping).
 
-    weight:  out (+)= scale * (sum_i c_i g_i^T a_i + noise_std * z),   z ~ N(0, I_{p x d})
-    bias:    out (+)= scale * (sum_i c_i sum_t g_it + noise_std * z),  z ~ N(0, I_p)
+    weight:  out (+)= sum_i c_i g_i^T a_i
+    bias:    out (+)= sum_i c_i sum_t g_it
 
 with a (B, T, d) the layer inputs, g (B, T, p) the gradients of its outputs (g_i example i's own),
-c (B,) the clip factors c_i = min(1, C / ||grad_i||). This is the book-keeping step of ghost
-clipping (Bu et al., "Differentially Private Optimization on Large Model at Small Cost", ICML
-2023): the clipped sum is one weighted GEMM over the batch, no second backward pass.
+c (B,) the clip factors c_i = min(1, C / ||grad_i||) (Bu et al., "Differentially Private
+Optimization on Large Model at Small Cost", ICML 2023): the clipped sum is one weighted GEMM over
+the batch, no second backward pass.
 
-Passing ``noise_std = sigma * C`` and ``scale = 1 / (expected batch size)`` on the last physical
-batch of a step finishes the DP gradient in the same pass. The Triton kernel draws the noise in
-registers (Philox, see :mod:`ghostdp.kernels.noise`) and writes or accumulates straight into
-``out``, accumulating in fp32; the twin uses fp32 torch ops and ``torch.randn``.
+No noise here: the engine adds the Gaussian noise once per step at ``optimizer.step()``
+(:func:`ghostdp.kernels.add_noise_`), after every physical batch of the step has added its clipped
+sum, so it cannot be fused into one batch's sum. The Triton kernel writes or accumulates straight
+into ``out``, accumulating in fp32; the twin uses fp32 torch GEMMs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from ghostdp.kernels.dispatch import (
     run_kernel,
 )
 from ghostdp.kernels.linear_norms import TWIN_BLOCK_BYTES, as_linear_inputs
-from ghostdp.kernels.noise import add_noise_, check_noise_args, randn_twin
 
 
 def _check_clip_factors(c: torch.Tensor, B: int, device: torch.device, op: str) -> None:
@@ -62,23 +61,27 @@ def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.d
 
 
 def linear_clipped_sum_torch(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
-                             out: torch.Tensor | None, *, accumulate: bool, scale: float,
-                             noise_std: float, seed: int | None) -> torch.Tensor:
+                             out: torch.Tensor | None, *, accumulate: bool) -> torch.Tensor:
     """Twin of :func:`linear_clipped_sum` (validated inputs, a (B, T, d), g (B, T, p)).
 
     sum_i c_i g_i^T a_i as fp32 GEMMs over blocks of examples, c_i applied in fp32 to the narrower of
-    g_i and a_i (no rounding to the input dtype); then noise_std * torch.randn in fp32, the scale, and
-    one rounding into ``out`` (or, for an fp32/fp64 ``out`` with nothing else to apply, addmm into it).
+    g_i and a_i (no rounding to the input dtype), then one rounding into ``out`` (or, for an fp32/fp64
+    ``out``, addmm straight into it).
     """
     B, T, d = a.shape
     p = g.shape[2]
     acc = accumulation_dtype(a.dtype)
     if out is not None and out.dtype == torch.float64:
         acc = torch.float64
-    # Accumulate straight into ``out`` when it already has the accumulation dtype and nothing else is
-    # applied; otherwise into an fp32/fp64 buffer that is rounded into ``out`` once.
-    direct = out is not None and accumulate and out.dtype == acc and noise_std == 0 and scale == 1.0
-    total = out if direct else torch.zeros((p, d), dtype=acc, device=a.device)  # (p, d)
+    # Accumulate straight into ``out`` when it already has the accumulation dtype; otherwise into an
+    # fp32/fp64 buffer that is rounded into ``out`` once.
+    direct = out is not None and out.dtype == acc
+    if direct:
+        total = out
+        if not accumulate:
+            total.zero_()
+    else:
+        total = torch.zeros((p, d), dtype=acc, device=a.device)  # (p, d)
     itemsize = torch.finfo(acc).bits // 8
     step = max(1, min(max(B, 1), TWIN_BLOCK_BYTES // max(1, itemsize * T * (p + d))))
     for s in range(0, B, step):
@@ -89,12 +92,7 @@ def linear_clipped_sum_torch(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
         else:
             g_blk = g_blk * c_blk
         total.addmm_(g_blk.flatten(0, 1).T, a_blk.flatten(0, 1))  # (p, d)
-    if direct or out is None and noise_std == 0 and scale == 1.0:
-        return total
-    if noise_std > 0:
-        total += noise_std * randn_twin((p, d), seed=seed, device=a.device).to(acc)
-    total *= scale
-    if out is None:
+    if direct or out is None:
         return total
     if accumulate:
         total += out.to(acc)
@@ -104,9 +102,8 @@ def linear_clipped_sum_torch(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
 
 def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *,
                        out: torch.Tensor | None = None, accumulate: bool = True,
-                       scale: float = 1.0, noise_std: float = 0.0, seed: int | None = None,
                        impl: str = "auto") -> torch.Tensor:
-    """``out (+)= scale * (sum_i c_i g_i^T a_i + noise_std * z)``: a Linear weight's DP gradient.
+    """``out (+)= sum_i c_i g_i^T a_i``: a Linear weight's clipped per-example gradient sum.
 
     Args:
         a: layer inputs, (B, T, d) (or (B, d), or (B, *, d)).
@@ -115,17 +112,13 @@ def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *,
         out: (p, d) buffer (fp16, bf16, fp32 or fp64, any strides). None allocates a new fp32
             (fp64 for float64 inputs) tensor.
         accumulate: with ``out`` given, add into it (True, e.g. across physical batches) or
-            overwrite it (False).
-        scale: multiplies the sum and the noise, e.g. 1 / (expected batch size).
-        noise_std: sigma * C; 0 adds no noise and draws no random numbers.
-        seed: noise seed, an int in [0, 2**63) (see :func:`ghostdp.kernels.noise_seed`); None
-            draws a fresh secret one. Ignored when noise_std == 0.
+            overwrite it (False: no zero-fill of ``out`` is needed first).
         impl: "auto" | "triton" | "torch" (see :mod:`ghostdp.kernels.dispatch`).
 
     Returns:
         ``out`` (or the new tensor), (p, d). Everything before the final rounding into ``out`` is
         fp32 (fp64 for float64 inputs or a float64 ``out``). B = 0 (an empty Poisson batch) gives
-        the noise alone. The Triton kernel allocates no (p, d) noise tensor.
+        zeros (or leaves an accumulated ``out`` as it was).
     """
     op = "linear_clipped_sum"
     a, g = as_linear_inputs(a, g, op)
@@ -133,12 +126,10 @@ def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *,
     p = g.shape[2]
     _check_clip_factors(c, B, a.device, op)
     _check_out(out, (p, d), a.device, op)
-    seed = check_noise_args(noise_std, scale, seed, op)
     accumulate = accumulate and out is not None
 
     def twin() -> torch.Tensor:
-        return linear_clipped_sum_torch(a, g, c, out, accumulate=accumulate, scale=scale,
-                                        noise_std=noise_std, seed=seed)
+        return linear_clipped_sum_torch(a, g, c, out, accumulate=accumulate)
 
     if resolve_impl(impl, a, g, op=op) == "torch":
         return twin()
@@ -151,8 +142,7 @@ def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *,
         else:
             target = out if out.is_contiguous() else out.contiguous()  # (p, d)
         linear_clipped_sum_triton(a.contiguous(), g.contiguous(), c.contiguous(), target,
-                                  accumulate=accumulate, scale=scale, noise_std=noise_std,
-                                  seed=seed if seed is not None else 0)
+                                  accumulate=accumulate)
         if out is not None and target is not out:
             out.copy_(target)
         return target if out is None else out
@@ -161,13 +151,11 @@ def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *,
 
 
 def bias_clipped_sum(g: torch.Tensor, c: torch.Tensor, *, out: torch.Tensor | None = None,
-                     accumulate: bool = True, scale: float = 1.0, noise_std: float = 0.0,
-                     seed: int | None = None, impl: str = "auto") -> torch.Tensor:
-    """``out (+)= scale * (sum_i c_i sum_t g_it + noise_std * z)``: a Linear bias's DP gradient.
+                     accumulate: bool = True) -> torch.Tensor:
+    """``out (+)= sum_i c_i sum_t g_it``: a Linear bias's clipped per-example gradient sum.
 
-    g (B, T, p) (or (B, p)), c (B,); other arguments as :func:`linear_clipped_sum`. The sum is a
-    p-sized fp32 torch reduction (memory-bound, no kernel needed); the noise comes from
-    :func:`add_noise_` with the same ``impl``, so on CUDA it is the in-kernel Philox stream.
+    g (B, T, p) (or (B, p)), c (B,); other arguments as :func:`linear_clipped_sum`. A p-sized fp32
+    torch reduction (memory-bound, no kernel needed).
     """
     op = "bias_clipped_sum"
     if not isinstance(g, torch.Tensor):
@@ -180,13 +168,11 @@ def bias_clipped_sum(g: torch.Tensor, c: torch.Tensor, *, out: torch.Tensor | No
     B, p = g.shape[0], g.shape[-1]
     _check_clip_factors(c, B, g.device, op)
     _check_out(out, (p,), g.device, op)
-    seed = check_noise_args(noise_std, scale, seed, op)
     acc = accumulation_dtype(g.dtype)
     if out is not None and out.dtype == torch.float64:
         acc = torch.float64
     per_example = g.reshape(B, math.prod(g.shape[1:-1]), p).sum(dim=1, dtype=acc)  # (B, p)
     total = c.to(acc) @ per_example  # (p,): sum_i c_i sum_t g_it
-    add_noise_(total, noise_std=noise_std, seed=seed, scale=scale, impl=impl)
     if out is None:
         return total
     if accumulate:

@@ -55,7 +55,7 @@ def test_every_launch_the_launchers_make_is_in_the_compile_matrix(space):
                                     "_instantiated_norm2_kernel"),
                                    (ln.ghost_launch(T, d, p, dtype, "cuda"), "_ghost_norm2_kernel"),
                                    (cs.clipped_sum_launch(T, d, p, dtype, "cuda", split=False,
-                                                          noise=True, accumulate=True,
+                                                          accumulate=True,
                                                           out_dtype=torch.bfloat16),
                                     "_clipped_sum_kernel")):
                 assert _find(kernel, launch.constexprs, launch.num_warps), (

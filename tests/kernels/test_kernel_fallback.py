@@ -61,8 +61,7 @@ def _calls():
 
     def clipped(impl):
         out = out0.clone()
-        return linear_clipped_sum(a, g, c, out=out, accumulate=True, scale=0.5, noise_std=1.5,
-                                  seed=9, impl=impl)
+        return linear_clipped_sum(a, g, c, out=out, accumulate=True, impl=impl)
 
     def noisy(impl):
         return add_noise_(grad0.clone(), noise_std=2.0, seed=5, scale=0.25, impl=impl)
