@@ -174,7 +174,8 @@ _MODEL_KEYS = {
     "privacy.target_epsilon": "setting", "privacy.noise_multiplier": "calibrated from public settings",
     "privacy.max_grad_norm": "setting", "privacy.sample_rate": "mechanism parameter q (N treated as public, as "
     "for delta)", "privacy.logical_batch_size": "setting", "privacy.steps": "the plan's steps (public)",
-    "privacy.planned_steps": "setting", "privacy.adjacency": "text", "privacy.dp_seed": "setting (known = not "
+    "privacy.planned_steps": "setting", "privacy.adjacency": "text", "privacy.not_private": "marker of an "
+    "epsilon=inf baseline (no noise: not a release, said as such)", "privacy.dp_seed": "setting (known = not "
     "private, said in the headline)",
     "label_release.epsilon": "setting", "label_release.noisy_counts.*": "the DP label release (discrete Laplace)",
     "label_release.proportions.*": "post-processing of the DP release", "label_release.mechanism": "text",
