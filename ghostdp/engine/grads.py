@@ -79,10 +79,14 @@ class PerExampleGrad:
         """sum_i c_i G_i, shape ``shape``, in compute dtype."""
         raise NotImplementedError  # pragma: no cover
 
-    def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch") -> None:
-        """out += sum_i c_i G_i, summed in compute dtype and rounded once into ``out``."""
+    def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch",
+                         accumulate: bool = True) -> None:
+        """out += sum_i c_i G_i (``accumulate=False``: out = sum_i c_i G_i, its old contents never read),
+        summed in compute dtype and rounded once into ``out``."""
         total = self.clipped_sum(c)
-        if out.dtype == total.dtype:
+        if not accumulate:
+            out.copy_(total)
+        elif out.dtype == total.dtype:
             out.add_(total)
         else:  # a bf16/fp16 gradient: sum in the compute dtype, round once
             out.copy_(total + out.to(total.dtype))
@@ -154,8 +158,9 @@ class Factored(PerExampleGrad):
             return kernels.linear_norm2_ghost(self.a, self.g, impl=impl)
         return kernels.linear_norm2_instantiated(self.a, self.g, impl=impl)
 
-    def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch") -> None:
-        kernels.linear_clipped_sum(self.a, self.g, c, out=out, accumulate=True, impl=impl)
+    def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch",
+                         accumulate: bool = True) -> None:
+        kernels.linear_clipped_sum(self.a, self.g, c, out=out, accumulate=accumulate, impl=impl)
 
 
 @dataclass(eq=False)
@@ -217,8 +222,24 @@ class OneHot(PerExampleGrad):
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
         dt = compute_dtype(self.g, c)
         out = self.g.new_zeros(self.shape, dtype=dt)
-        out.index_add_(0, self.ids.flatten(), (self.g.to(dt) * c.to(dt)[:, None, None]).flatten(0, 1))
+        out.index_add_(0, self.ids.flatten(), self._clipped_rows(c, dt))
         return out
+
+    def _clipped_rows(self, c: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """(B·T, d): c_i g_it, the rows added at ids_it."""
+        return (self.g.to(dt) * c.to(dt)[:, None, None]).flatten(0, 1)
+
+    def add_clipped_sum_(self, c: torch.Tensor, out: torch.Tensor, impl: str = "torch",
+                         accumulate: bool = True) -> None:
+        """Index-add the clipped rows straight into ``out`` when it has the compute dtype: no (rows, d)
+        buffer, no extra pass over the table (only the B·T looked-up rows are touched, plus a zero-fill
+        when ``out`` is written rather than accumulated)."""
+        dt = compute_dtype(self.g, c)
+        if out.dtype != dt:
+            return super().add_clipped_sum_(c, out, impl, accumulate)
+        if not accumulate:
+            out.zero_()
+        out.index_add_(0, self.ids.flatten(), self._clipped_rows(c, dt))
 
 
 def gram_inner(U1, V1, U2, V2) -> torch.Tensor:

@@ -540,10 +540,14 @@ class PrivacyEngine:
             self._fsdp.add_clipped_sums(ctx.uses, factors, self._impl_for, self._mark_written)
             ctx.uses = {}
         for p, uses in ctx.uses.items():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            # A parameter without a gradient gets a fresh one that its first use writes (no zero-fill and
+            # add); later uses, and later physical batches of the step, accumulate into it.
+            accumulate = p.grad is not None
+            if not accumulate:
+                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
             for u in uses:
-                u.add_clipped_sum_(factors.to(u.device()), p.grad, self._impl_for(u))
+                u.add_clipped_sum_(factors.to(u.device()), p.grad, self._impl_for(u), accumulate=accumulate)
+                accumulate = True
             self._mark_written(p)
         self.per_sample_norms = norms
 

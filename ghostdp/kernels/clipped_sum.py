@@ -75,13 +75,15 @@ def linear_clipped_sum_torch(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
         acc = torch.float64
     # Accumulate straight into ``out`` when it already has the accumulation dtype; otherwise into an
     # fp32/fp64 buffer that is rounded into ``out`` once.
+    # The first GEMM writes with beta = 0 (the old contents are never read, so no zero-fill) unless it
+    # accumulates into ``out``.
     direct = out is not None and out.dtype == acc
     if direct:
-        total = out
-        if not accumulate:
-            total.zero_()
+        total, beta = out, 1 if accumulate else 0
     else:
-        total = torch.zeros((p, d), dtype=acc, device=a.device)  # (p, d)
+        total, beta = torch.empty((p, d), dtype=acc, device=a.device), 0  # (p, d)
+    if B == 0 and beta == 0:
+        total.zero_()
     itemsize = torch.finfo(acc).bits // 8
     step = max(1, min(max(B, 1), TWIN_BLOCK_BYTES // max(1, itemsize * T * (p + d))))
     for s in range(0, B, step):
@@ -91,7 +93,8 @@ def linear_clipped_sum_torch(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
             a_blk = a_blk * c_blk
         else:
             g_blk = g_blk * c_blk
-        total.addmm_(g_blk.flatten(0, 1).T, a_blk.flatten(0, 1))  # (p, d)
+        total.addmm_(g_blk.flatten(0, 1).T, a_blk.flatten(0, 1), beta=beta)  # (p, d)
+        beta = 1
     if direct or out is None:
         return total
     if accumulate:

@@ -115,3 +115,26 @@ def test_linear_on_4d_input_and_batch_of_one():
     # a single example clipped to C: its norm is C·||g||/(||g|| + 1e-6), at most C and within 1e-4 of it
     norm = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())))
     assert 0.1 * (1 - 1e-4) < norm <= 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_clipped_sum_writes_or_accumulates_without_a_zero_filled_gradient(dtype):
+    """The engine's first use of a parameter writes its clipped sum into a fresh (uninitialised) .grad:
+    accumulate=False must never read ``out`` (NaN there must not survive); accumulate=True adds to it."""
+    from ghostdp.engine.grads import Dense, Factored, OneHot
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, d, p, rows = 3, 5, 4, 6, 9
+    a, g = torch.randn(B, T, d, generator=gen, dtype=torch.float64), torch.randn(B, T, p, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, rows, (B, T), generator=gen)
+    c = torch.rand(B, generator=gen, dtype=torch.float64)
+    uses = [Factored(a.to(dtype), g.to(dtype)), OneHot(ids, a.to(dtype), rows), Dense(g.sum(1).to(dtype))]
+    for u in uses:
+        dense = u.dense().double()  # (B, *shape): the per-example gradients themselves
+        want = torch.einsum("b,b...->...", c, dense)
+        tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+        out = torch.full(u.shape, float("nan"), dtype=dtype)
+        u.add_clipped_sum_(c.to(torch.float32 if dtype != torch.float64 else dtype), out, accumulate=False)
+        torch.testing.assert_close(out.double(), want, **tol, msg=lambda m: f"{type(u).__name__} write: {m}")
+        u.add_clipped_sum_(c.to(torch.float32 if dtype != torch.float64 else dtype), out, accumulate=True)
+        torch.testing.assert_close(out.double(), 2 * want, **tol, msg=lambda m: f"{type(u).__name__} add: {m}")
