@@ -86,15 +86,55 @@ def randn_twin(shape: tuple[int, ...], *, seed: int, device: torch.device) -> to
     return torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
 
 
+#: Elements of noise the twin draws at a time (a multiple of 16, see :func:`_noise_chunks`): 256 KiB of
+#: fp32, so z stays in cache between being drawn and being added, and no gradient-sized z is allocated.
+NOISE_CHUNK = 1 << 16
+
+
+def _noise_chunks(n: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges that draw, chunk after chunk from one generator, the same normals as one
+    ``torch.randn(n)`` call.
+
+    PyTorch's CPU ``normal_`` on a contiguous fp32 tensor of n >= 16 elements draws n uniforms in order,
+    transforms them 16 at a time (Box-Muller), and redraws the last 16 when 16 does not divide n. Chunks
+    of a multiple of 16, with a last chunk of at least 16, therefore reproduce the stream exactly
+    (tests/kernels/test_kernel_noise.py checks it against :func:`randn_twin`).
+    """
+    bounds, start = [], 0
+    while start < n:
+        stop = start + NOISE_CHUNK
+        if n - stop < 16:
+            stop = n
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def add_noise_torch_(grad: torch.Tensor, *, noise_std: float, seed: int | None,
                      scale: float = 1.0) -> torch.Tensor:
     """Twin of :func:`add_noise_`: ``grad <- scale * (grad + noise_std * z)`` via torch.randn.
 
     In place for fp32/fp64 gradients (no gradient-sized copy); fp16/bf16 ones are computed in fp32 and
-    rounded once.
+    rounded once. On CPU, z is drawn in chunks (:func:`_noise_chunks`) that reproduce
+    :func:`randn_twin`'s stream exactly; elsewhere in one call.
     """
     compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
     y = grad if grad.dtype == compute else grad.to(compute)
+    if noise_std > 0 and grad.device.type == "cpu" and grad.numel() > NOISE_CHUNK:
+        flat = y if y.is_contiguous() else y.contiguous()
+        flat_view = flat.view(-1)
+        gen = torch.Generator(device=grad.device)
+        gen.manual_seed(seed)
+        buf = torch.empty(NOISE_CHUNK + 16, dtype=torch.float32, device=grad.device)
+        for start, stop in _noise_chunks(flat_view.numel()):
+            z = torch.randn(stop - start, generator=gen, out=buf[: stop - start]).to(compute)
+            block = flat_view[start:stop]
+            block.add_(z.mul_(noise_std))  # the same two roundings as below, element for element
+            if scale != 1.0:
+                block.mul_(scale)
+        if flat is not grad:
+            grad.copy_(flat)
+        return grad
     if noise_std > 0:
         z = randn_twin(tuple(grad.shape), seed=seed, device=grad.device).to(compute)
         y.add_(z.mul_(noise_std))  # not add_(alpha=): that may fuse into one FMA and round differently

@@ -195,3 +195,21 @@ def test_gpu_noise_at_parameter_size(cuda_device):
     _stats_ok(grad, 1.0, "gpu")
     again = add_noise_(torch.zeros_like(grad), noise_std=2.0, seed=4242, scale=0.5, impl="triton")
     assert torch.equal(grad, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_twin_draws_in_chunks_the_same_stream_as_one_call(monkeypatch, dtype):
+    """The CPU twin draws z chunk by chunk (no gradient-sized z): bit for bit randn_twin's stream, so the
+    noise of a seed does not depend on the chunking (sizes around the chunk and 16-element boundaries)."""
+    monkeypatch.setattr(noise_module, "NOISE_CHUNK", 64)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    for n in (65, 79, 80, 81, 127, 128, 129, 143, 144, 145, 64 * 7 + 3, 1001):
+        grad = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(dtype)
+        z = noise_module.randn_twin((n,), seed=n + 1, device=torch.device("cpu")).to(compute)
+        want = ((grad.to(compute) + z * 1.7) * 0.3).to(dtype)
+        got = noise_module.add_noise_torch_(grad.clone(), noise_std=1.7, seed=n + 1, scale=0.3)
+        assert torch.equal(got, want), n
+    grad = torch.randn(40, 30, dtype=torch.float64).to(dtype).T  # non-contiguous, (30, 40)
+    z = noise_module.randn_twin((30, 40), seed=5, device=torch.device("cpu")).to(compute)
+    want = ((grad.to(compute) + z * 2.0) * 0.5).to(dtype)
+    assert torch.equal(noise_module.add_noise_torch_(grad.clone(), noise_std=2.0, seed=5, scale=0.5), want)
