@@ -139,6 +139,13 @@ def _norm_method(grad: PerExampleGrad, clipping: Clipping, impl: str) -> str:
     return "ghost" if ghost < inst else "instantiated"
 
 
+def _input_key(a: torch.Tensor) -> tuple:
+    """Identifies a layer input by its memory: layers fed the same tensor (q/k/v projections) share it.
+    Within one backward every saved input is alive (and autograd refuses one changed in place), so equal
+    keys mean equal values."""
+    return (a.untyped_storage().data_ptr(), a.storage_offset(), tuple(a.shape), a.stride(), a.dtype, a.device)
+
+
 class PrivacyEngine:
     """Attach DP-SGD to ``model`` and ``optimizer`` (both keep being used as before).
 
@@ -528,10 +535,17 @@ class PrivacyEngine:
         device = first.device()
         norm2 = torch.zeros(B, dtype=dtype, device=device)
         shared = self.clipping == "per_sample"
+        same_input: dict[tuple, list[Factored]] = {}  # ghost norms of layers that read one input
         for uses in ctx.uses.values():
             resolved = self._resolved_impl(uses[0])
             method = _norm_method(uses[0], self.clipping, resolved)
+            if len(uses) == 1 and method == "ghost" and resolved == "torch" and isinstance(uses[0], Factored):
+                same_input.setdefault(_input_key(uses[0].a), []).append(uses[0])
+                continue
             norm2 += summed_norm2(uses, method, shared, self._kernel_impl(resolved)).to(device, dtype)
+        for group in same_input.values():  # q/k/v, gate/up: the twin forms the input's Gram once
+            for n2 in kernels.linear_norm2_ghost_shared(group[0].a, [u.g for u in group], impl="torch"):
+                norm2 += n2.to(device, dtype)
         norms = norm2.sqrt() * scale
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale  # c_i, times the "mean" undo
         for p in ctx.uses:

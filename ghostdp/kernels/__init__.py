@@ -3,7 +3,8 @@
 Public functions (all take ``impl="auto" | "triton" | "torch"``, see :mod:`.dispatch`):
 
 - :func:`linear_norm2_instantiated`, :func:`linear_norm2_ghost`, :func:`bias_norm2`:
-  per-example squared gradient norms, (B,) fp32.
+  per-example squared gradient norms, (B,) fp32; :func:`linear_norm2_ghost_shared` for several
+  layers reading one input.
 - :func:`linear_clipped_sum`, :func:`bias_clipped_sum`: out (+)= sum_i c_i G_i, the clipped
   sum of one physical batch (the step noise is added once, by :func:`add_noise_`).
 - :func:`add_noise_`: grad <- scale * (grad + noise_std * z) in place; :func:`noise_seed`
@@ -28,6 +29,7 @@ from ghostdp.kernels.linear_norms import (
     NormCost,
     bias_norm2,
     linear_norm2_ghost,
+    linear_norm2_ghost_shared,
     linear_norm2_instantiated,
     norm_cost,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "interpreter_enabled",
     "linear_clipped_sum",
     "linear_norm2_ghost",
+    "linear_norm2_ghost_shared",
     "linear_norm2_instantiated",
     "noise_seed",
     "norm_cost",

@@ -109,22 +109,30 @@ def linear_norm2_ghost_torch(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     pairs u <= v). With blocks of 64 rows that is 3/4 of the Gram flops at T = 128, 9/16 at T = 256.
     Scratch: two (B, rows, T) Gram blocks within ``TWIN_BLOCK_BYTES``, never all of B x T x T.
     """
+    return linear_norm2_ghost_shared_torch(a, [g])[0]
+
+
+def linear_norm2_ghost_shared_torch(a: torch.Tensor, gs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Twin of :func:`linear_norm2_ghost_shared`: :func:`linear_norm2_ghost_torch` for each g in ``gs``,
+    each block of the Gram of ``a`` formed once for all of them."""
     B, T, _ = a.shape
     acc = accumulation_dtype(a.dtype)
-    out = torch.zeros(B, dtype=acc, device=a.device)
+    outs = [torch.zeros(B, dtype=acc, device=a.device) for _ in gs]
     if B == 0 or T == 0:
-        return out
-    a_acc, g_acc = a.to(acc), g.to(acc)  # (B, T, d), (B, T, p)
+        return outs
+    a_acc = a.to(acc)  # (B, T, d)
+    g_accs = [g.to(acc) for g in gs]  # (B, T, p_k)
     itemsize = torch.finfo(acc).bits // 8
     rows = max(1, min(T, GHOST_TWIN_ROWS, TWIN_BLOCK_BYTES // (2 * itemsize * B * T)))
     for t0 in range(0, T, rows):
         gram_a = torch.bmm(a_acc[:, t0:t0 + rows], a_acc[:, t0:].transpose(1, 2))  # (B, rows, T - t0)
-        gram_g = torch.bmm(g_acc[:, t0:t0 + rows], g_acc[:, t0:].transpose(1, 2))  # (B, rows, T - t0)
-        prod = gram_a.mul_(gram_g)
-        out += prod[:, :, :rows].sum(dim=(1, 2))  # the diagonal block, once
-        if T - t0 > rows:
-            out += 2 * prod[:, :, rows:].sum(dim=(1, 2))  # (t, s) and (s, t), s beyond the block
-    return out
+        for g_acc, out in zip(g_accs, outs):
+            gram_g = torch.bmm(g_acc[:, t0:t0 + rows], g_acc[:, t0:].transpose(1, 2))  # (B, rows, T - t0)
+            prod = gram_g.mul_(gram_a)
+            out += prod[:, :, :rows].sum(dim=(1, 2))  # the diagonal block, once
+            if T - t0 > rows:
+                out += 2 * prod[:, :, rows:].sum(dim=(1, 2))  # (t, s) and (s, t), s beyond the block
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +187,26 @@ def linear_norm2_ghost(a: torch.Tensor, g: torch.Tensor, *, impl: str = "auto") 
         return ghost_norm2_triton(a.contiguous(), g.contiguous())
 
     return run_kernel(op, impl, kernel, lambda: linear_norm2_ghost_torch(a, g))
+
+
+def linear_norm2_ghost_shared(a: torch.Tensor, gs: list[torch.Tensor], *,
+                              impl: str = "auto") -> list[torch.Tensor]:
+    """:func:`linear_norm2_ghost` of several Linear layers that read one input ``a`` (a transformer's
+    q/k/v projections, an MLP's gate and up projections): ``[norm2(a, g) for g in gs]``.
+
+    The twin forms each block of the Gram a_i a_i^T once for all of them; the Triton kernel runs per
+    layer (it never stores a Gram to share).
+    """
+    op = "linear_norm2_ghost_shared"
+    pairs = [as_linear_inputs(a, g, op) for g in gs]
+    if not pairs:
+        return []
+    a3 = pairs[0][0]
+    if len({p[1].dtype for p in pairs}) > 1 or any(p[0].dtype != a3.dtype for p in pairs):
+        return [linear_norm2_ghost(a, g, impl=impl) for g in gs]  # mixed dtypes: one at a time
+    if resolve_impl(impl, a3, *(p[1] for p in pairs), op=op) == "torch":
+        return linear_norm2_ghost_shared_torch(a3, [p[1] for p in pairs])
+    return [linear_norm2_ghost(a, g, impl=impl) for g in gs]
 
 
 def bias_norm2(g: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,22 @@ def test_ghost_twin_symmetric_blocks_match_reference(T, rows, monkeypatch):
     assert_close_rel(linear_norm2_ghost(a, g, impl="torch"), reference_norm2(a, g), 1e-12, 1e-10)
 
 
+@pytest.mark.parametrize("T", [1, 9, 130])
+def test_ghost_shared_input_matches_reference(T):
+    """Several layers reading one input (q/k/v): each norm as if computed alone, Gram of a shared."""
+    from ghostdp.kernels import linear_norm2_ghost_shared
+
+    a, _ = make_linear_inputs(3, T, 7, 1, torch.float64, seed=T)
+    gs = [make_linear_inputs(3, T, 1, p, torch.float64, seed=T + p)[1] for p in (5, 2, 11)]
+    got = linear_norm2_ghost_shared(a, gs, impl="torch")
+    assert len(got) == 3
+    for g, n2 in zip(gs, got):
+        assert_close_rel(n2, reference_norm2(a, g), 1e-12, 1e-10)
+    assert linear_norm2_ghost_shared(a, [], impl="torch") == []
+    mixed = linear_norm2_ghost_shared(a.float(), [gs[0].float(), gs[1]], impl="torch")  # one at a time
+    assert_close_rel(mixed[1], reference_norm2(a.float().double(), gs[1]), *INPUT_TOL[torch.float32])
+
+
 def test_bias_norm2_matches_reference():
     _, g = make_linear_inputs(5, 7, 1, 13, torch.float64, seed=5)
     expected = g.sum(dim=1).square().sum(dim=1)
