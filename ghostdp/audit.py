@@ -11,9 +11,20 @@ implementation lives in ``ghostdp.integrations.audit``.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from ghostdp.integrations.audit.bounds import binomial_upper_tail, epsilon_lower_bound, p_value
+from ghostdp.integrations.audit.bounds import (
+    binomial_upper_tail,
+    epsilon_lower_bound,
+    p_value,
+)
 from ghostdp.integrations.audit.guesses import GuessResult, best_guesses, count_correct
+
+if TYPE_CHECKING:  # imported on first use (they need torch)
+    from ghostdp.integrations.audit.canaries import Canaries, make_canaries
+    from ghostdp.integrations.audit.report import write_report
+    from ghostdp.integrations.audit.run import AuditConfig, AuditResult, audit_model
+    from ghostdp.integrations.audit.synthetic import audit_synthetic_text
 
 _LAZY = {
     "AuditConfig": "ghostdp.integrations.audit.run",
@@ -25,7 +36,10 @@ _LAZY = {
     "write_report": "ghostdp.integrations.audit.report",
 }
 
-__all__ = sorted(["GuessResult", "best_guesses", "binomial_upper_tail", "count_correct", "epsilon_lower_bound", "p_value", *_LAZY])
+__all__ = [
+    "AuditConfig", "AuditResult", "Canaries", "GuessResult", "audit_model", "audit_synthetic_text", "best_guesses",
+    "binomial_upper_tail", "count_correct", "epsilon_lower_bound", "make_canaries", "p_value", "write_report",
+]
 
 
 def __getattr__(name: str):

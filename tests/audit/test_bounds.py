@@ -1,6 +1,7 @@
 """The one-run audit's epsilon lower bound (Steinke, Nasr, Jagielski 2023) against scipy.stats.binom."""
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 
@@ -19,7 +20,7 @@ def q_of(eps):
 def reference_p_value(m, r, v, eps, delta):
     """Steinke et al.'s Theorem 3 bound written directly with scipy: f(v) + 2 m delta max_i (f(v - i) - f(v)) / i."""
     q = q_of(eps)
-    f = lambda x: 1.0 if x <= 0 else stats.binom.sf(x - 1, r, q)  # noqa: E731  P[Bin >= x]
+    f = lambda x: 1.0 if x <= 0 else stats.binom.sf(x - 1, r, q)
     alpha = max(((f(v - i) - f(v)) / i for i in range(1, m + 1)), default=0.0)
     return min(1.0, f(v) + 2 * m * delta * alpha)
 
@@ -57,7 +58,7 @@ def test_approximate_dp_bound_matches_theorem_3_by_scipy(m, r, v, delta):
 
 @pytest.mark.parametrize("r", [1, 2, 10, 101])
 def test_not_above_chance_is_zero(r):
-    for v in range(0, r // 2 + 1):
+    for v in range(r // 2 + 1):
         assert epsilon_lower_bound(num_guesses=r, num_correct=v, confidence=0.95, delta=0.0, num_canaries=r) == 0.0
 
 
@@ -86,13 +87,13 @@ def test_delta_range():
 
 def test_monotone_in_correct_guesses_confidence_and_delta():
     r, m = 200, 400
-    bounds = [epsilon_lower_bound(num_guesses=r, num_correct=v, confidence=0.95, num_canaries=m) for v in range(0, r + 1)]
-    assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:]))
+    bounds = [epsilon_lower_bound(num_guesses=r, num_correct=v, confidence=0.95, num_canaries=m) for v in range(r + 1)]
+    assert all(b2 >= b1 for b1, b2 in itertools.pairwise(bounds))
     assert bounds[r] > bounds[150] > 0
     by_conf = [epsilon_lower_bound(num_guesses=r, num_correct=170, confidence=c, num_canaries=m) for c in (0.5, 0.9, 0.95, 0.99, 0.999)]
-    assert all(b2 < b1 for b1, b2 in zip(by_conf, by_conf[1:]))  # more confidence, smaller bound
+    assert all(b2 < b1 for b1, b2 in itertools.pairwise(by_conf))  # more confidence, smaller bound
     by_delta = [epsilon_lower_bound(num_guesses=r, num_correct=170, confidence=0.95, delta=d, num_canaries=m) for d in (0, 1e-6, 1e-4, 1e-3)]
-    assert all(b2 <= b1 for b1, b2 in zip(by_delta, by_delta[1:]))
+    assert all(b2 <= b1 for b1, b2 in itertools.pairwise(by_delta))
     # same accuracy, more guesses: stronger evidence
     assert epsilon_lower_bound(num_guesses=400, num_correct=340, confidence=0.95, num_canaries=400) > bounds[170]
 

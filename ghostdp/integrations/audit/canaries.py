@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CanaryKind = Literal["random_tokens", "secret_text"]
 
-__all__ = ["CanaryKind", "Canaries", "make_canaries"]
+__all__ = ["Canaries", "CanaryKind", "make_canaries"]
 
 _FIRST = ("Dana", "Omar", "Mei", "Lukas", "Priya", "Tomasz", "Ines", "Kwame", "Sofia", "Arjun", "Hana", "Mateo")
 _LAST = ("Whitfield", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Castillo", "Novak", "Haddad", "Brennan", "Osei")

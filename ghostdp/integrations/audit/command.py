@@ -123,7 +123,10 @@ def run(ns: argparse.Namespace) -> int:
         result, canaries = audit_model(model, config, data=data, tokenizer=tokenizer)
         results = [result]
         if ns.synthetic_samples > 0:
-            from ghostdp.integrations.audit.synthetic import audit_synthetic_text, generate_texts
+            from ghostdp.integrations.audit.synthetic import (
+                audit_synthetic_text,
+                generate_texts,
+            )
 
             t0 = time.perf_counter()
             texts = generate_texts(model, tokenizer, num_samples=ns.synthetic_samples, max_new_tokens=ns.max_new_tokens,

@@ -22,10 +22,9 @@ def _fmt(x: float) -> str:
 
 def markdown(results: Sequence, *, title: str = "Privacy audit (one run, Steinke, Nasr, Jagielski 2023)") -> str:
     """A Markdown table: one row per audit, lower bound next to the claimed and the accountant's epsilon."""
-    lines = [f"# {title}", "",
-             "| audit | score | canaries | guesses (correct/made) | epsilon lower bound | claimed epsilon | "
-             "accountant epsilon | delta | confidence | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| audit | score | canaries | guesses (correct/made) | epsilon lower bound | claimed epsilon | "
+              "accountant epsilon | delta | confidence | verdict |")
+    lines = [f"# {title}", "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         verdict = "**LOWER BOUND EXCEEDS THE CLAIM**" if r.exceeds_claim else "consistent with the claim"
         lines.append(
