@@ -22,13 +22,15 @@ that this p-value rejects at level 1 - c: every eps below it is rejected, i.e. t
 
 (for delta = 0, ``P[Binomial(r, e^eps / (1 + e^eps)) >= v] = 1 - c``). 0.0 when no eps >= 0 is rejected,
 which includes every v not above chance (v <= r / 2). The tails are computed here in log space from
-``lgamma`` (no scipy), so the tests can check them against ``scipy.stats.binom`` independently.
+``lgamma`` (numpy, no scipy), so the tests can check them against ``scipy.stats.binom`` independently.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Sequence
+
+import numpy as np
 
 __all__ = ["binomial_upper_tail", "epsilon_lower_bound", "p_value"]
 
@@ -42,11 +44,20 @@ def _check_count(name: str, value, minimum: int = 0) -> int:
     return int(value)
 
 
-def _logsumexp(xs: Sequence[float]) -> float:
-    top = max(xs, default=-math.inf)
+def _logsumexp(xs: np.ndarray) -> float:
+    if xs.size == 0:
+        return -math.inf
+    top = float(xs.max())
     if top == -math.inf:
         return -math.inf
-    return top + math.log(math.fsum(math.exp(x - top) for x in xs))
+    return top + math.log(float(np.exp(xs - top).sum()))
+
+
+@functools.lru_cache(maxsize=64)
+def _log_binomial_coefficients(r: int) -> np.ndarray:
+    """log C(r, k) for k = 0..r (cached: the bisection evaluates one r at many eps)."""
+    lg = np.array([math.lgamma(k + 1) for k in range(r + 1)])
+    return lg[r] - lg - lg[::-1]
 
 
 def _log_q(eps: float) -> tuple[float, float]:
@@ -54,11 +65,11 @@ def _log_q(eps: float) -> tuple[float, float]:
     return -math.log1p(math.exp(-eps)), -(eps + math.log1p(math.exp(-eps)))
 
 
-def _log_pmfs(r: int, eps: float) -> list[float]:
+def _log_pmfs(r: int, eps: float) -> np.ndarray:
     """log P[Binomial(r, q_eps) = k] for k = 0..r."""
     log_q, log_1mq = _log_q(eps)
-    lg_r = math.lgamma(r + 1)
-    return [lg_r - math.lgamma(k + 1) - math.lgamma(r - k + 1) + k * log_q + (r - k) * log_1mq for k in range(r + 1)]
+    k = np.arange(r + 1)
+    return _log_binomial_coefficients(r) + k * log_q + (r - k) * log_1mq
 
 
 def binomial_upper_tail(r: int, v: int, eps: float) -> float:
@@ -76,18 +87,18 @@ def p_value(*, num_guesses: int, num_correct: int, epsilon: float, delta: float 
     With delta = 0 this is eq. (1), f_eps(v). ``num_canaries`` (m) enters only the delta term.
     """
     r, v = num_guesses, num_correct
+    if not 0 <= v <= r:
+        raise ValueError(f"need 0 <= num_correct <= num_guesses, got num_correct={v}, num_guesses={r}")
     m = r if num_canaries is None else num_canaries
+    if v == 0:
+        return 1.0
     log_pmf = _log_pmfs(r, epsilon)
-    tail = min(1.0, math.exp(_logsumexp(log_pmf[v:]))) if v <= r else 0.0
-    if v <= 0:
-        tail = 1.0
-    if delta == 0.0 or v <= 0:
+    tail = min(1.0, math.exp(_logsumexp(log_pmf[v:])))
+    if delta == 0.0:
         return tail
     # alpha = max_i P[v - i <= Bin < v] / i, with the partial sums P[v - i <= Bin < v] accumulated over i.
-    alpha, partial = 0.0, 0.0
-    for i in range(1, v + 1):
-        partial += math.exp(log_pmf[v - i])
-        alpha = max(alpha, partial / i)
+    partial = np.cumsum(np.exp(log_pmf[v - 1::-1]))  # partial[i - 1] = P[v - i <= Bin < v], i = 1..v
+    alpha = float((partial / np.arange(1, v + 1)).max())
     return min(1.0, tail + 2.0 * m * delta * alpha)
 
 
