@@ -1,8 +1,13 @@
 """``ghostdp audit``: one audited DP training run, the model and its synthetic text, next to the claimed epsilon.
 
-    ghostdp audit --num-canaries 256 --noise-multiplier 0 --claimed-epsilon 8   # a broken run: caught
+    ghostdp audit --num-canaries 256 --noise-multiplier 0 --claimed-epsilon 1   # a broken run: caught (exit 3)
     ghostdp audit --num-canaries 256 --target-epsilon 8                          # the real mechanism
-    ghostdp audit --model tiny --steps 100                                       # seconds, no download
+    ghostdp audit --model tiny --num-canaries 64 --steps 100 --expected-batch-size 8 --learning-rate 1e-2 \
+        --noise-multiplier 0 --claimed-epsilon 1                                 # seconds, no model files
+
+The defaults (m = 256 random 8-token canaries, q = 32 / 256, 24 steps, Adam at 1e-3, full fine-tuning) are
+the settings measured on SmolLM2-135M in bench/results/audit_cpu.md (noise 0: epsilon >= 2.35; calibrated to
+epsilon 8: >= 0.00; about 10-20 minutes on a shared 2-core CPU).
 
 Exit codes: 0 the lower bounds are at or below the claim; 3 a lower bound EXCEEDS the claimed epsilon (the
 run is less private than claimed); 2 bad usage; 1 failure while running. The canaries' coin flips stay in
@@ -42,20 +47,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     noise.add_argument("--noise-multiplier", type=float, help="Fixed sigma (0: no noise, for a broken-run check).")
     g.add_argument("--claimed-epsilon", type=float, help="The epsilon to hold the audit against (default: the "
                    "accountant's epsilon for this run).")
-    g.add_argument("--delta", type=float, default=1e-5)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--expected-batch-size", type=float, default=16.0)
-    g.add_argument("--steps", type=int, default=48)
-    g.add_argument("--learning-rate", type=float, default=1e-4)
+    g.add_argument("--delta", type=float, default=1e-5, help="delta of the accountant and of the bound (default 1e-5).")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="Clipping bound C (default 1).")
+    g.add_argument("--expected-batch-size", type=float, default=32.0, help="q * (n_data + m): sets the Poisson rate q "
+                   "(default 32).")
+    g.add_argument("--steps", type=int, default=24, help="Noisy steps (default 24).")
+    g.add_argument("--learning-rate", type=float, default=1e-3, help="Default 1e-3.")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    g.add_argument("--physical-batch-size", type=int, default=16)
+    g.add_argument("--physical-batch-size", type=int, default=32, help="Examples per backward pass (default 32).")
     g = p.add_argument_group("audit")
     g.add_argument("--score", choices=["loss", "white_box"], default="loss", help="Loss drop vs the base model, or "
                    "the alignment of the training update with each canary's gradient (one backward per canary).")
-    g.add_argument("--confidence", type=float, default=0.95)
+    g.add_argument("--confidence", type=float, default=0.95, help="Confidence of the lower bound (default 0.95).")
     g.add_argument("--synthetic-samples", type=int, default=64, help="Texts sampled from the trained model for the "
                    "synthetic-data audit (0: skip it).")
-    g.add_argument("--max-new-tokens", type=int, default=24)
+    g.add_argument("--max-new-tokens", type=int, default=24, help="Tokens per synthetic sample (default 24).")
     g.add_argument("--seed", type=int, help="Seed of canaries, coin flips, sampling and noise (default: random). "
                    "Keep it secret.")
     g.add_argument("--out", metavar="DIR", help="Report folder (default runs/audit-<time>).")
