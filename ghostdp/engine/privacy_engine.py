@@ -426,6 +426,19 @@ class PrivacyEngine:
             ".grad to the engine between backward and optimizer.step()."
         )
 
+    def _refuse_unclipped_model_grad(self, p: torch.Tensor, when: str) -> None:
+        """A parameter of the attached model that the engine does not clip holds a gradient."""
+        why = ("it was frozen when the engine attached and its requires_grad was turned on afterwards, so "
+               "autograd wrote its raw batch gradient" if p.requires_grad else
+               "it is frozen, yet has a .grad (written by hand or by another library's hook)")
+        raise UnclippedGradientError(
+            f"Parameter '{self._param_name(p)}' of the model the PrivacyEngine is attached to has a gradient the "
+            f"engine did not produce ({when}): {why}. Any optimizer stepping it would apply a gradient that is "
+            "neither clipped per example nor noised, which voids the DP guarantee. Decide which parameters train "
+            "before creating the PrivacyEngine (detach() it and attach a new one after changing requires_grad), "
+            "or freeze the parameter again and set its .grad to None."
+        )
+
     def _register_global_step_hook(self):
         """A pre-hook on every optimizer's step that holds the engine weakly (and goes when the engine does)."""
         method = weakref.WeakMethod(self._before_any_step)
@@ -445,6 +458,8 @@ class PrivacyEngine:
             return
         for group in optimizer.param_groups:
             for p in group["params"]:
+                if p.grad is not None and p not in self._names and p in self._all_names:
+                    self._refuse_unclipped_model_grad(p, f"{type(optimizer).__name__}.step()")
                 if p.grad is not None and p in self._names:
                     raise UnclippedGradientError(
                         f"Parameter '{self._param_name(p)}' is clipped by a PrivacyEngine, but "
@@ -550,6 +565,9 @@ class PrivacyEngine:
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale  # c_i, times the "mean" undo
         for p in ctx.uses:
             self._check_grad(p, "before the engine added this backward's clipped sum to it")
+        for p in self._all_names:  # autograd wrote a parameter the engine does not clip (unfrozen after attach)
+            if p.grad is not None and p.requires_grad and p not in self._names:
+                self._refuse_unclipped_model_grad(p, "at the end of backward")
         if self._fsdp is not None:  # FSDP2: every parameter's clipped sum is reduce-scattered to its shards
             self._fsdp.add_clipped_sums(ctx.uses, factors, self._impl_for, self._mark_written)
             ctx.uses = {}

@@ -52,12 +52,35 @@ def test_layer_unfrozen_after_attach_is_refused_before_the_step():
     model[0].requires_grad_(False)
     engine, opt = attach(model)  # the optimizer holds model.parameters(), frozen ones included
     model[0].requires_grad_(True)
-    loss_of(model, batch()).mean().backward()
     before = snapshot(model)
-    with pytest.raises(UnclippedGradientError, match=r"'0\.weight'.*requires_grad was turned on"):
-        opt.step()
+    with pytest.raises(UnclippedGradientError, match=r"'0\.(weight|bias)'.*requires_grad was turned on"):
+        loss_of(model, batch()).mean().backward()  # refused at the end of this backward already
+    with pytest.raises(UnclippedGradientError, match=r"'0\.(weight|bias)'.*requires_grad was turned on"):
+        opt.step()  # and, should the user step anyway, before the step
     assert_unchanged(model, before)
     assert engine.steps == 0
+
+
+def test_unfrozen_layer_outside_the_engines_optimizer_cannot_be_stepped_by_another():
+    """New-user report: the engine's optimizer holds only the parameters trainable at attach; a layer
+    unfrozen afterwards gets autograd's raw gradient, and a second optimizer over it would apply it."""
+    model = two_layers()
+    model[0].requires_grad_(False)
+    engine, opt = attach(model, params=[p for p in model.parameters() if p.requires_grad])
+    model[0].requires_grad_(True)
+    before = snapshot(model)
+    with pytest.raises(UnclippedGradientError, match=r"'0\.(weight|bias)'.*frozen when the engine attached"):
+        loss_of(model, batch()).sum().backward()
+    assert model[0].weight.grad is not None  # autograd wrote it before the end-of-backward check
+    with pytest.raises(UnclippedGradientError, match=r"'0\.(weight|bias)'.*SGD\.step\(\)"):
+        torch.optim.SGD(model[0].parameters(), lr=1.0).step()
+    assert_unchanged(model, before)
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # by hand on a frozen parameter: also refused
+    model[0].bias.grad = None
+    model[0].requires_grad_(False)
+    with pytest.raises(UnclippedGradientError, match=r"'0\.weight'.*frozen, yet has a \.grad"):
+        torch.optim.SGD(model[0].parameters(), lr=1.0).step()
+    assert_unchanged(model, before)
 
 
 def test_bias_unfrozen_after_attach_in_a_clipped_layer_is_refused_in_backward():
