@@ -404,3 +404,29 @@ def test_smollm2_lora_on_sst2_lowers_the_loss(tmp_path):
     assert after < before - 0.5, (before, after)
     assert logged(trainer)[8] == pytest.approx(
         acc.epsilon(noise_multiplier=0.05, sample_rate=8 / 256, steps=8, delta=1 / 512), rel=1e-12)
+
+
+def test_training_loss_is_not_logged_unless_asked_and_text_columns_are_kept(tmp_path):
+    """The training loss is an un-noised statistic of the private batches, like the pre-noise gradient norm:
+    by default no log, reporter or checkpoint sees it. With the default arguments the Prefix-LM collator
+    gets its 'text' and 'label' columns (TrainingArguments would drop them as unused by the model)."""
+    from ghostdp.integrations.hf.args import DPTrainingArguments
+
+    args = DPTrainingArguments(
+        output_dir=str(tmp_path), logical_batch_size=4, per_device_train_batch_size=3, noise_multiplier=0.8,
+        max_grad_norm=0.5, max_steps=2, logging_steps=1, report_to=[], save_strategy="steps", save_steps=2,
+        use_cpu=True, dp_seed=7, disable_tqdm=True, dataloader_pin_memory=False,
+    )
+    assert args.remove_unused_columns is False and args.log_private_loss is False
+    trainer = DPTrainer(model=lora(tiny_llama(True)), args=args, train_dataset=make_data(N), data_collator=collator())
+    trainer.train()
+    history = trainer.state.log_history
+    assert [h["step"] for h in history if "epsilon" in h and "train_runtime" not in h] == [1, 2]
+    assert not any(k in h for h in history for k in ("loss", "train_loss", "grad_norm"))
+    saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert not any(k in h for h in saved for k in ("loss", "train_loss", "grad_norm"))
+    # asked for (where the logs stay private), the loss is logged at every step
+    trainer = DPTrainer(model=lora(tiny_llama(True)), args=make_args(tmp_path / "b", max_steps=2),
+                        train_dataset=make_data(N), data_collator=collator())
+    trainer.train()
+    assert sorted(logged(trainer, "loss")) == [1, 2]

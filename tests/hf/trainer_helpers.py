@@ -70,8 +70,8 @@ def make_args(output_dir, **overrides):
     kw = dict(
         output_dir=str(output_dir), logical_batch_size=4, per_device_train_batch_size=3, noise_multiplier=0.8,
         max_grad_norm=0.5, max_steps=6, optim="sgd", learning_rate=0.05, lr_scheduler_type="constant",
-        weight_decay=0.0, logging_steps=1, report_to=[], remove_unused_columns=False, save_strategy="no",
-        use_cpu=True, dp_seed=7, disable_tqdm=True, dataloader_pin_memory=False,
+        weight_decay=0.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dp_seed=7,
+        disable_tqdm=True, dataloader_pin_memory=False, log_private_loss=True,
     )
     kw.update(overrides)
     return dp_args.DPTrainingArguments(**kw)

@@ -79,6 +79,18 @@ class DPTrainingArguments(TrainingArguments):
         metadata={"help": "How per-example norms are computed: 'auto' (cheapest per layer), 'ghost', 'per_sample'. "
                           "All give the same clipped gradient.", "choices": list(_CLIPPING)},
     )
+    log_private_loss: bool = field(
+        default=False,
+        metadata={"help": "Log the training loss ('loss', 'train_loss'). It is computed on the private batches "
+                          "without noise, so it is NOT covered by the DP guarantee (like the pre-noise gradient "
+                          "norm, which is never logged). Off by default; turn it on only where the logs stay "
+                          "as private as the data. 'epsilon' is always logged."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "As in TrainingArguments, but off by default: the Prefix-LM collators read the raw "
+                          "'text' and 'label' columns, which the model's forward does not name."},
+    )
     dp_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the Poisson sampler (dp_seed) and of the DP noise (dp_seed + 1), for "

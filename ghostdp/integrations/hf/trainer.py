@@ -103,6 +103,9 @@ _PROTECTED = {
     "_get_grad_norm": "the pre-noise gradient norm is not private",
 }
 
+# Training-loss keys of Trainer.log: un-noised statistics of the private batches (see DPTrainer.log).
+_PRIVATE_LOG_KEYS = frozenset({"loss", "train_loss"})
+
 
 class PrivacyBudgetExhaustedError(RuntimeError):
     """No DP step fits in what is left of ``target_epsilon``."""
@@ -828,7 +831,13 @@ class DPTrainer(Trainer):
 
     # ================================================================== logging and checkpoints
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """The Trainer's log(), with ``epsilon`` (spent so far, at the plan's delta) added while training."""
+        """The Trainer's log(), with ``epsilon`` (spent so far, at the plan's delta) added while training.
+
+        The training loss (``loss``, ``train_loss``) is computed on private batches without noise, so it is
+        dropped unless ``args.log_private_loss`` (then it reaches every reporter and checkpoint, which must
+        stay as private as the data)."""
+        if not getattr(self.args, "log_private_loss", False):
+            logs = {k: v for k, v in logs.items() if k not in _PRIVATE_LOG_KEYS}
         if self.privacy_engine is not None:
             logs = {**logs, "epsilon": self.current_epsilon()}
         super().log(logs, start_time)

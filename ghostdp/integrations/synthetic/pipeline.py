@@ -341,6 +341,7 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
         dp_seed=cfg.dp_seed, seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, logging_steps=1, save_strategy="steps",
         save_steps=cfg.checkpoint_steps, save_total_limit=2, report_to="none",
         remove_unused_columns=False, dataloader_pin_memory=False, disable_tqdm=not show_progress,
+        log_private_loss=True,  # kept in private/ (training.json, checkpoints), never in model/ or synthetic/
     )
     trainer = DPTrainer(model=model, args=args, train_dataset=data.examples(), data_collator=collator,
                         processing_class=tokenizer, callbacks=[checkpoint_timer(cfg.checkpoint_minutes)])
