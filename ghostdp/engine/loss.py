@@ -44,6 +44,19 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+def _check_class_ids(labels: torch.Tensor, num_classes: int, ignore_index: int | None, task: str) -> None:
+    """Raise if a (non-ignored) label is not a class id in [0, num_classes): the labels were made for
+    another head (e.g. a causal-LM collator's token ids fed to a token-classification model)."""
+    scored = labels if ignore_index is None else labels[labels != ignore_index]
+    if scored.numel() and bool(((scored < 0) | (scored >= num_classes)).any()):
+        raise ValueError(
+            f"{task} classification labels must be class ids in [0, {num_classes}) (the model's {num_classes} "
+            f"outputs), got values from {int(scored.min())} to {int(scored.max())}. The labels were probably made "
+            f"for another task (a causal-LM collator writes token ids); use a collator that writes this task's "
+            "labels, or pass DPTrainer a per_example_loss for your objective."
+        )
+
+
 def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per-example loss of aligned token targets (token classification, seq2seq decoder labels), shape (B,).
 
@@ -57,6 +70,7 @@ def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_in
         raise ValueError(
             f"expected logits (B, T, K) and labels (B, T), got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
+    _check_class_ids(labels, logits.shape[-1], ignore_index, "token")
     logits = _upcast(logits)
     ce = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index, reduction="none",
@@ -96,6 +110,7 @@ def per_example_sequence_loss(
     if problem_type == "single_label_classification":
         if labels.shape != (B,):
             raise ValueError(f"single-label classification needs labels (B,) = ({B},), got {tuple(labels.shape)}")
+        _check_class_ids(labels, K, None, "sequence")
         return F.cross_entropy(logits, labels.long(), reduction="none")
     if problem_type == "multi_label_classification":
         if labels.shape != (B, K):

@@ -243,3 +243,17 @@ def test_dptrainer_fine_tunes_bert_out_of_the_box(tmp_path):
     trainer.train()
     assert trainer.privacy_engine.steps == 3
     assert not torch.equal(pos.detach(), before)
+
+
+def test_labels_outside_the_heads_classes_are_refused_with_the_cause():
+    """New-user report: a causal-LM collator's token ids fed to a token-classification head crashed with a bare
+    IndexError from cross_entropy; the loss now names the mismatch (and -100 stays ignored)."""
+    from ghostdp.engine.loss import per_example_sequence_loss, per_example_token_loss
+
+    logits = torch.zeros(2, 3, 4)
+    ok = torch.tensor([[0, 3, -100], [-100, -100, -100]])
+    assert per_example_token_loss(logits, ok).shape == (2,)
+    with pytest.raises(ValueError, match=r"class ids in \[0, 4\).*from 0 to 26.*collator"):
+        per_example_token_loss(logits, torch.tensor([[0, 26, -100], [1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"class ids in \[0, 4\).*from -1 to 1"):
+        per_example_sequence_loss(torch.zeros(2, 4), torch.tensor([1, -1]))
