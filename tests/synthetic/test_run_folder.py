@@ -682,3 +682,31 @@ def test_an_incomplete_set_is_flagged_in_the_headline_and_a_lagging_csv_is_repai
 def test_run_paths_name_the_private_files():
     paths = RunPaths(Path("r"))
     assert paths.training_record.parent == paths.private and paths.trainer.parent == paths.private
+
+
+def test_a_copy_of_the_training_file_is_not_accepted_as_held_out(setup, capsys):
+    """New-user report: held-out data was checked by its setting only, so a byte-identical copy of the
+    training file under another name was evaluated as "held out". Refused before training, naming both."""
+    root, cfg = setup
+    train, copy_ = root / "mine.csv", root / "copy_of_mine.csv"
+    train.write_bytes(_csv_bytes(_rows(60, 0), "utf-8"))
+    copy_.write_bytes(_csv_bytes([(y, f"  {t.upper()} ") for y, t in _rows(60, 0)], "utf-8"))  # spacing/case
+    toml = _csv_config(root, cfg, train, eval_line=f'eval_data = "{copy_}"')
+    assert main(["pipeline", "--config", toml, "--run-dir", str(root / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(copy_) in err and "not held out" in err and str(train) in err
+    assert not (root / "run" / "model").exists()
+
+
+def test_check_heldout_disjoint_counts_and_limits():
+    from ghostdp.integrations.synthetic.config import ConfigError
+    from ghostdp.integrations.synthetic.run_folder import check_heldout_disjoint
+    from ghostdp.integrations.synthetic.text_data import LabelledTexts
+
+    names = ("negative", "positive")
+    train = LabelledTexts(("a b", "c d", "e f", "g h"), ("negative", "positive") * 2, names, source="train")
+    assert check_heldout_disjoint(train, LabelledTexts(("x", "y"), names, names, source="dev")) == 0
+    three = LabelledTexts(("A  b", "y", "z"), ("negative",) * 3, names, source="dev")
+    assert check_heldout_disjoint(train, three) == 1  # one of three shared: kept, logged
+    with pytest.raises(ConfigError, match="2 of its 4 texts"):
+        check_heldout_disjoint(train, LabelledTexts(("a b", "C D", "y", "z"), ("negative",) * 4, names, source="dev"))

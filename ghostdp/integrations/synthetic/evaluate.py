@@ -381,6 +381,7 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     from ghostdp.integrations.synthetic.report import write_run_report
     from ghostdp.integrations.synthetic.run_folder import (
         check_fingerprint,
+        check_heldout_disjoint,
         load_eval_data,
         load_private_data,
         setting_differences,
@@ -414,6 +415,7 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     # Evaluation baselines read the private data (labelled as such in the report).
     heldout = load_eval_data(config.data, names)
     private = load_private_data(config.data)
+    check_heldout_disjoint(private, heldout)
     data_now = dataclasses.asdict(config.data)
     data_now.pop("eval_data"), data_now.pop("eval_rows")
     differences = setting_differences({"data": gen.info.get("training", {}).get("identity", {}).get("data")},

@@ -56,6 +56,7 @@ from ghostdp.integrations.synthetic.config import (
 from ghostdp.integrations.synthetic.run_folder import (
     MODEL_DIR,
     RunPaths,
+    check_heldout_disjoint,
     data_fingerprint,
     load_eval_data,
     load_private_data,
@@ -574,7 +575,7 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, *, show_progress: bool 
             _check_label_names(config)
             _resume_point(paths, config)
         private = load_private_data(config.data)  # both data sets, validated before anything expensive
-        load_eval_data(config.data, private.label_names)
+        check_heldout_disjoint(private, load_eval_data(config.data, private.label_names))
         if trained:
             logger.info("Reusing the generator in %s (already trained with these settings; no privacy spent again)",
                         paths.model)

@@ -39,6 +39,7 @@ __all__ = [
     "RunFolderBusyError",
     "RunPaths",
     "check_fingerprint",
+    "check_heldout_disjoint",
     "data_fingerprint",
     "load_eval_data",
     "load_private_data",
@@ -153,6 +154,36 @@ def load_eval_data(cfg: DataConfig, label_names: tuple[str, ...] | None = None) 
             )
         data = LabelledTexts(data.texts, data.labels, tuple(label_names), source=data.source)
     return data
+
+
+#: Refuse held-out data when at least this share of its texts is also in the training data.
+HELDOUT_OVERLAP_LIMIT = 0.5
+
+
+def check_heldout_disjoint(private: LabelledTexts, heldout: LabelledTexts) -> int:
+    """Refuse held-out data that is (mostly) the training data; return how many held-out texts are also
+    training texts (compared after stripping whitespace and case-folding).
+
+    Comparing settings alone misses a copy of the training file under another name. A few shared texts are
+    common in real data (short reviews repeat) and are only logged; at least ``HELDOUT_OVERLAP_LIMIT`` of the
+    held-out texts in the training set means the evaluation would score the model on what it trained on.
+    Raises ``ConfigError`` naming both sources.
+    """
+    def key(t: str) -> str:
+        return " ".join(t.split()).casefold()
+
+    train = {key(t) for t in private.texts}
+    shared = sum(key(t) in train for t in heldout.texts)
+    if heldout.texts and shared >= HELDOUT_OVERLAP_LIMIT * len(heldout.texts):
+        raise ConfigError(
+            f"data.eval_data {heldout.source}: {shared} of its {len(heldout.texts)} texts are also in the training "
+            f"data {private.source}, so it is not held out (a copy of the training file?). Evaluation must use "
+            "REAL rows the generator never trained on: name another file with --eval-data."
+        )
+    if shared:
+        logger.warning("%d of the %d held-out texts in %s also occur in the training data %s; they stay in the "
+                       "evaluation.", shared, len(heldout.texts), heldout.source, private.source)
+    return shared
 
 
 def _data_key(paths: RunPaths, *, create: bool = True) -> bytes:
