@@ -157,7 +157,11 @@ class PrivacyEngine:
         expected_batch_size: the public constant q·N the summed gradient is divided by.
         noise_multiplier: sigma; the noise std is sigma·C. 0 gives no noise (and no privacy).
         loss_reduction: "mean" if the loss is the mean of per-example losses over the physical batch,
-            "sum" if it is their sum.
+            "sum" if it is their sum. The engine sees only the gradients of that loss, not how it was
+            formed: each per-example loss must depend on its own example alone. A Hugging Face model's
+            ``model(..., labels=...).loss`` averages over the batch's *tokens*, which weights each example
+            by the others' lengths; it cannot be detected here and must not be used. Use
+            ``ghostdp.engine.loss.per_example_lm_loss`` (or DPTrainer, which derives the loss from the task).
         clipping: "ghost" (Gram-matrix norms), "per_sample" (instantiated per-example gradients) or
             "auto" (per layer, the cheaper of the two).
         sample_rate: Poisson sampling rate q, needed for ``epsilon``.
