@@ -646,8 +646,11 @@ def calibrate_noise_multiplier(
         or not (0.0 < target_epsilon < math.inf)
     ):
         raise ValueError(
-            f"target_epsilon must be a finite number > 0, got {target_epsilon!r}. (epsilon = 0 would need "
-            f"infinite noise; for no privacy, train without ghostdp's noise.)"
+            f"target_epsilon must be a finite number > 0, got {target_epsilon!r}. "
+            + ("epsilon = inf means no privacy: no noise multiplier is calibrated for it; train with "
+               "noise_multiplier=0 (and report the run as not private)."
+               if isinstance(target_epsilon, numbers.Real) and target_epsilon == math.inf else
+               "epsilon = 0 would need infinite noise.")
         )
     delta = _check_delta(delta)
     q = _check_sample_rate(sample_rate)
