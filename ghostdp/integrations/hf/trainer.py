@@ -46,7 +46,18 @@ What changes relative to ``Trainer``, and why (all in this file):
   ``DistributedDataParallel``: its gradient hooks would never fire (autograd does not form the
   parameter gradients under ghostdp). Parameters are broadcast from rank 0 once, as DDP would.
 
-FSDP and DeepSpeed: see docs/design.md ("More than one process") for what is supported and why.
+* **FSDP2.** A model whose blocks and root the user wrapped with ``fully_shard`` (under torchrun, no
+  Trainer/accelerate FSDP arguments) trains sharded: no broadcast (the shards are consistent already), each
+  rank takes its share of the Poisson batch as above and runs as many physical batches as the busiest rank
+  (a short rank runs zero-weighted padding batches: FSDP's forward and backward are collectives), the engine
+  reduce-scatters the clipped sums to the shards and noises each shard once (docs/fsdp2.md). Checkpoints
+  hold each rank's own model and optimizer shards (``ghostdp_fsdp2_rank{r}.pt``; resume needs the same
+  world size), never gathered, and without torch.distributed.checkpoint's ``get_optimizer_state_dict``
+  (its hidden zero-lr ``optimizer.step()`` on a stateless optimizer would count as a DP step). The model
+  saved by ``save_model`` is gathered in full on rank 0 (a plain transformers / PEFT checkpoint).
+
+FSDP1, accelerate's FSDP arguments and DeepSpeed: see docs/design.md ("More than one process") and
+docs/fsdp2.md for what is supported and why.
 """
 from __future__ import annotations
 
@@ -81,6 +92,7 @@ __all__ = ["DPTrainer", "LogicalBatch", "PrivacyBudgetExhaustedError", "PrivacyP
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "ghostdp_state.pt"
+FSDP2_SHARDS_FILE = "ghostdp_fsdp2_rank{rank}.pt"  # per rank: its model and optimizer shards (local tensors)
 PRIVACY_FILE = "ghostdp_privacy.json"
 _STATE_VERSION = 1
 
@@ -401,11 +413,12 @@ class DPTrainer(Trainer):
         )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
-                "DeepSpeed / FSDP is enabled (by the arguments or the accelerate config). DPTrainer does not support "
-                "them: their gradient reduction is what ghostdp replaces. Use DPTrainer data parallel (torchrun), or "
-                "shard with FSDP2 (torch.distributed.fsdp.fully_shard) and ghostdp's PrivacyEngine directly "
-                "(docs/fsdp2.md)."
+                "DeepSpeed / FSDP is enabled (by the arguments or the accelerate config). DPTrainer does not take "
+                "them: their gradient reduction is what ghostdp replaces (and accelerate's FSDP2 route is untested). "
+                "To shard, wrap the model's blocks and root with torch.distributed.fsdp.fully_shard yourself under "
+                "torchrun and pass it to DPTrainer without fsdp arguments (docs/fsdp2.md); or use data parallel."
             )
+        self._fsdp2 = is_fsdp2(self.model)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"{self.args.n_gpu} GPUs are visible to one process, so the Trainer would use nn.DataParallel, whose "
@@ -433,19 +446,27 @@ class DPTrainer(Trainer):
     # ================================================================== checks before training
     def _check_model_supported(self) -> None:
         """Attach a throw-away engine so an unsupported trainable layer fails now, not at the first step."""
-        if is_fsdp2(self.model):
-            raise ValueError(
-                "The model is sharded with FSDP2 (fully_shard). DPTrainer does not support sharded models yet: it "
-                "broadcasts rank 0's parameters and saves whole state dicts, which would mix or break the shards. "
-                "Train the sharded model with ghostdp's PrivacyEngine under torchrun (docs/fsdp2.md), or give "
-                "DPTrainer the unsharded model (data parallel)."
-            )
+        if self._fsdp2:
+            if _TRANSFORMERS_4:
+                raise ValueError(
+                    f"The model is sharded with FSDP2 (fully_shard); DPTrainer supports sharded models on "
+                    f"transformers 5.x only (this is {transformers.__version__}, whose Trainer wraps the model in "
+                    "DDP). Upgrade transformers, or train the sharded model with ghostdp's PrivacyEngine directly "
+                    "(docs/fsdp2.md)."
+                )
+            if not (dist.is_available() and dist.is_initialized()) or self.args.world_size < 2:
+                raise ValueError(
+                    "The model is sharded with FSDP2 (fully_shard) but the Trainer runs a single process "
+                    f"(world_size={self.args.world_size}). Launch with torchrun (one process per device), or pass "
+                    "the unsharded model."
+                )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("The model has no trainable parameters (requires_grad=True); nothing to train.")
         probe = PrivacyEngine(
             self.model, torch.optim.SGD(trainable, lr=0.0), max_grad_norm=self.args.max_grad_norm,
             expected_batch_size=self.args.logical_batch_size, noise_multiplier=0.0, clipping=self.args.clipping,
+            distributed=True if self._fsdp2 else None,
         )
         probe.detach()
 
@@ -661,7 +682,7 @@ class DPTrainer(Trainer):
 
     def _start_dp(self, model: nn.Module) -> None:
         """Once the model and optimizer are prepared: same start on every rank, the engine, the loss check."""
-        if self.args.world_size > 1:
+        if self.args.world_size > 1 and not self._fsdp2:  # FSDP2's shards are one consistent model already
             self._broadcast_parameters()
         self._attach_engine()
         self._check_loss_is_per_example(model)
@@ -685,7 +706,7 @@ class DPTrainer(Trainer):
         self.privacy_engine = PrivacyEngine(
             self.model, inner, max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.logical_batch_size,
             noise_multiplier=plan.noise_multiplier, loss_reduction="sum", clipping=self.args.clipping,
-            sample_rate=plan.sample_rate, generator=noise_gen, distributed=self.args.world_size > 1,
+            sample_rate=plan.sample_rate, generator=noise_gen, distributed=self.args.world_size > 1 or self._fsdp2,
         )
         self._epsilon_cache = None
 
@@ -779,10 +800,22 @@ class DPTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         total = torch.zeros((), dtype=torch.float64, device=self.args.device)
-        for batch in inputs.physical:
+        batches = [(b, 1.0) for b in inputs.physical]
+        if self._fsdp2:
+            # FSDP2's forward and backward are collectives: every rank runs as many physical batches as the
+            # busiest one. The extra ones are one example with loss weight 0: per-example gradient 0, so they add
+            # nothing to any norm or sum (docs/fsdp2.md).
+            most = torch.tensor([len(batches)], dtype=torch.int64, device=self.args.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            if int(most) > len(batches):
+                dataset, collate = self._dp_data
+                batches += [(collate([dataset[0]]), 0.0)] * (int(most) - len(batches))
+        for batch, weight in batches:
             batch = self._prepare_inputs(batch)
             with self.compute_loss_context_manager():
                 losses = self.compute_per_example_loss(model, batch)
+            if weight != 1.0:
+                losses = losses * weight
             n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
             if losses.shape != (n,):
                 raise ValueError(
@@ -844,10 +877,104 @@ class DPTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        folder = os.path.join(self._get_output_dir(trial=trial), name)
+        if self._fsdp2:
+            self._save_fsdp2_shards(folder)
         if self.args.should_save and self.privacy_engine is not None:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), name)
             self._save_dp_state(folder)
+
+    # ------------------------------------------------------------------ FSDP2: sharded checkpoints
+    # Each rank writes and reads its own shards as plain local tensors (no gathering, no
+    # torch.distributed.checkpoint: its get/set_optimizer_state_dict run a hidden zero-lr optimizer.step() on an
+    # optimizer without state, which the engine would count and noise as a DP step). Resume needs the same
+    # world size and sharding, which is checked.
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2: gather the full model on rank 0 (a collective: every rank calls this) and save it there
+        as a plain transformers / PEFT checkpoint."""
+        if not self._fsdp2:
+            return super().save_model(output_dir, _internal_call)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:
+            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=full)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _fsdp2_shard_path(self, folder: str) -> str:
+        return os.path.join(folder, FSDP2_SHARDS_FILE.format(rank=self.args.process_index))
+
+    def _save_fsdp2_shards(self, folder: str) -> None:
+        from torch.distributed.tensor import DTensor
+
+        def local(t):
+            return (t.to_local() if isinstance(t, DTensor) else t).detach().cpu().clone()
+
+        os.makedirs(folder, exist_ok=True)
+        model = {n: local(t) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
+        opt = self.optimizer.state_dict()
+        opt["state"] = {k: {s: local(v) if isinstance(v, torch.Tensor) else v for s, v in st.items()}
+                        for k, st in opt["state"].items()}
+        torch.save({"world_size": self.args.world_size, "model": model, "optimizer": opt},
+                   self._fsdp2_shard_path(folder))
+
+    def _read_fsdp2_shards(self, checkpoint: str) -> dict:
+        path = self._fsdp2_shard_path(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by DPTrainer under FSDP2 with this rank "
+                f"({self.args.process_index} of {self.args.world_size}). Resume a sharded run with the same world size."
+            )
+        shards = torch.load(path, map_location="cpu", weights_only=True)
+        if shards["world_size"] != self.args.world_size:
+            raise ValueError(
+                f"{checkpoint} holds FSDP2 shards of {shards['world_size']} ranks, this run has "
+                f"{self.args.world_size}. Resume with the same number of processes (and the same fully_shard calls)."
+            )
+        return shards
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._fsdp2:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from torch.distributed.tensor import DTensor
+
+        saved = self._read_fsdp2_shards(resume_from_checkpoint)["model"]
+        mine = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+        if set(saved) != set(mine):
+            raise ValueError(f"{resume_from_checkpoint}: the FSDP2 shards are of a different model (other names).")
+        with torch.no_grad():
+            for name, t in mine.items():
+                dst = t.to_local() if isinstance(t, DTensor) else t
+                if dst.shape != saved[name].shape:
+                    raise ValueError(
+                        f"{resume_from_checkpoint}: shard {name} has shape {tuple(saved[name].shape)}, this rank's "
+                        f"{tuple(dst.shape)}. Shard the model as in the run that wrote the checkpoint."
+                    )
+                dst.copy_(saved[name])
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._fsdp2:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:  # the optimizer's shards go with the model's, in _save_checkpoint
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self._fsdp2 or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.tensor import DTensor
+
+        self.optimizer.load_state_dict(self._read_fsdp2_shards(checkpoint)["optimizer"])
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for p, st in inner.state.items():  # the saved local tensors become this rank's DTensor shards again
+            if not isinstance(p, DTensor):
+                continue
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim() > 0:
+                    st[k] = DTensor.from_local(v.to(p.to_local().device), p.device_mesh, p.placements,
+                                               run_check=False, shape=p.shape, stride=p.stride())
+        self.lr_scheduler.load_state_dict(
+            torch.load(os.path.join(checkpoint, "scheduler.pt"), map_location="cpu", weights_only=True))
 
     def _save_dp_state(self, folder: str) -> None:
         engine, plan = self.privacy_engine, self.privacy_plan

@@ -1,0 +1,80 @@
+"""torchrun worker for tests/hf/test_trainer_fsdp2.py: DPTrainer on a model sharded with FSDP2 (2 CPU ranks, gloo).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/hf/fsdp2_trainer_worker.py OUT_DIR
+
+Every run shards a fresh tiny tied float64 Llama (each block, then the root) and trains it with DPTrainer on the
+data of ``fsdp2_run`` (logical batch 6 of 24, physical batches of 2, so the ranks' shares and numbers of physical
+batches differ and some are empty). Rank 0 writes OUT_DIR/result.pt with the gathered trainable parameters of:
+- ``exact``: noise 0, SGD, 4 steps (the test compares it with one unsharded process);
+- ``full``: noise 0.6, AdamW, 4 steps, checkpoints at steps 2 and 4 (sharded model + optimizer state);
+- ``resumed``: a fresh model, differently initialised, resumed from ``full``'s checkpoint-2;
+with their epsilons and logged epsilons, and ``full``'s final model as written by save_model.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.helpers import tiny_llama  # noqa: E402
+from tests.hf.trainer_helpers import collator, make_args, make_data  # noqa: E402
+
+N, STEPS = 24, 4
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def gathered(model) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fsdp2_run(output_dir, *, sharded: bool, noise: float, optim: str = "sgd", seed: int = 0,
+              resume: str | None = None, save_steps: int | None = None):
+    from ghostdp.integrations.hf.trainer import DPTrainer
+
+    model = tiny_llama(True, seed=seed)
+    if sharded:
+        model = shard(model)
+    save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
+    args = make_args(output_dir, logical_batch_size=6, per_device_train_batch_size=2, max_steps=STEPS,
+                     noise_multiplier=noise, dp_seed=3, optim=optim, learning_rate=0.05, **save)
+    trainer = DPTrainer(model=model, args=args, train_dataset=make_data(N, seed=5), data_collator=collator())
+    trainer.train(resume_from_checkpoint=resume)
+    logged = [h["epsilon"] for h in trainer.state.log_history if "epsilon" in h and "loss" in h]
+    return trainer, gathered(model), trainer.current_epsilon(), logged
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    res = {"world": dist.get_world_size()}
+    _, res["exact"], _, _ = fsdp2_run(out / "exact", sharded=True, noise=0.0)
+    full, res["full"], res["full_eps"], res["full_logged"] = fsdp2_run(
+        out / "full", sharded=True, noise=0.6, optim="adamw_torch", save_steps=2)
+    full.save_model(str(out / "final"))  # gathered on rank 0
+    _, res["resumed"], res["resumed_eps"], res["resumed_logged"] = fsdp2_run(
+        out / "resumed", sharded=True, noise=0.6, optim="adamw_torch", seed=1,
+        resume=str(out / "full" / "checkpoint-2"))
+    res["shard_files"] = sorted(f for f in os.listdir(out / "full" / "checkpoint-2") if f.startswith("ghostdp_"))
+    if dist.get_rank() == 0:
+        torch.save(res, out / "result.pt")
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""DPTrainer on a model sharded with FSDP2 (fully_shard), 2 CPU ranks over gloo, one torchrun launch.
+
+The worker (tests/hf/fsdp2_trainer_worker.py) trains; this test compares with one unsharded process on the same
+global Poisson batches (noise 0), with the accountant (epsilon), and a resumed run with the uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ghostdp.accounting as acc
+from tests.helpers import tiny_llama
+from tests.hf.fsdp2_trainer_worker import N, STEPS, fsdp2_run
+from tests.hf.trainer_helpers import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(REPO / "tests" / "hf" / "fsdp2_trainer_worker.py"), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = torch.load(out / "result.pt", weights_only=True)
+    assert res["world"] == 2
+    return out, res
+
+
+def test_fsdp2_equals_one_unsharded_process(sharded, tmp_path):
+    _, res = sharded
+    _, params, _, _ = fsdp2_run(tmp_path / "single", sharded=False, noise=0.0)
+    start = dict(tiny_llama(True).named_parameters())
+    for name, p in params.items():
+        assert not torch.equal(p, start[name].detach()), f"{name} did not move"  # every parameter trained
+        torch.testing.assert_close(res["exact"][name], p, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp2_logs_the_accountants_epsilon(sharded):
+    _, res = sharded
+    ref = [acc.epsilon(noise_multiplier=0.6, sample_rate=6 / N, steps=t, delta=1 / (2 * N))
+           for t in range(1, STEPS + 1)]
+    assert res["full_logged"] == pytest.approx(ref, rel=1e-12)
+    assert res["full_eps"] == ref[-1]
+
+
+def test_fsdp2_checkpoint_resumes_exactly(sharded):
+    out, res = sharded
+    assert res["shard_files"] == ["ghostdp_fsdp2_rank0.pt", "ghostdp_fsdp2_rank1.pt", "ghostdp_privacy.json",
+                                  "ghostdp_state.pt"]
+    for name, p in res["full"].items():  # noisy AdamW run: exact only if noise stream, moments and steps resume
+        torch.testing.assert_close(res["resumed"][name], p, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    assert res["resumed_eps"] == res["full_eps"]
+    assert res["resumed_logged"] == res["full_logged"]
+    # save_model gathers the full model on rank 0 into a plain transformers checkpoint
+    saved = load_file(str(out / "final" / "model.safetensors"))
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    assert set(saved) - set(tied) == set(res["full"])
+    for name, t in saved.items():
+        torch.testing.assert_close(t, res["full"][tied.get(name, name)], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
