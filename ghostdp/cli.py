@@ -47,6 +47,7 @@ from ghostdp.integrations.synthetic.config import (
 logger = logging.getLogger("ghostdp.cli")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_AUDIT_EXCEEDS = 3  # as `ghostdp audit`: the audit's lower bound exceeds the accountant's epsilon
 
 #: Which configuration sections each command reads (and so offers as flags).
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -324,7 +325,7 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
+def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> int | None:
     from ghostdp.integrations.synthetic import pipeline
 
     show = not ns.no_progress
@@ -370,6 +371,29 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> None:
     else:
         result, _, timings = pipeline.run_pipeline(config, run_dir, show_progress=show)
         _print_headline(result.headline, result.report_md, timings)
+        if config.evaluate.audit_canaries:
+            return _print_audit(run_dir)
+    return None
+
+
+def _print_audit(run_dir: Path) -> int | None:
+    """The pipeline's audit line; loud, and exit 3 (as ``ghostdp audit``), when the bound exceeds the claim."""
+    from ghostdp.integrations.synthetic.audit_section import AUDIT_DIR
+
+    f = json.loads((run_dir / AUDIT_DIR / "audit_run.json").read_text(encoding="utf-8"))
+    print(f"audit ({f['num_canaries']} canaries, separate run, {f['seconds']:.0f}s): epsilon >= "
+          f"{_fmt(float(f['epsilon_lower_bound']))} at {float(f['confidence']):.0%} confidence "
+          f"({f['num_correct']}/{f['num_guesses']} correct guesses); accountant epsilon "
+          f"{_fmt(float(f['accountant_epsilon']))}")
+    if not f["exceeds_claim"]:
+        return None
+    bar = "!" * 78
+    print(f"\n{bar}\nPRIVACY AUDIT FAILED: the lower bound exceeds the accountant's epsilon. The mechanism is less "
+          "private than claimed: check the noise multiplier, the clipping, the sampling rate given to the "
+          f"accountant and the claim itself; do not release {run_dir}.\n{bar}")
+    logger.error("privacy audit failed: lower bound %s > accountant epsilon %s (see %s)", f["epsilon_lower_bound"],
+                 f["accountant_epsilon"], run_dir / "report.md")
+    return EXIT_AUDIT_EXCEEDS
 
 
 def _not_private(dp_seed: Any) -> str:
@@ -445,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     file_handler = _log_to_file(run_dir)
     started = time.time()
     try:
-        _run(ns, config, run_dir)
+        rc = _run(ns, config, run_dir)
     except ConfigError as exc:
         logger.error("%s", exc)
         file_handler.buffer.clear()  # a refusal leaves the run folder as it was: no log entry either
@@ -472,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger().removeHandler(file_handler)
         file_handler.close()
     logger.info("ghostdp %s finished in %.0fs", ns.command, time.time() - started)
-    return EXIT_OK
+    return rc if rc else EXIT_OK
 
 
 def _version() -> str:

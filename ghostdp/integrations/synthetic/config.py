@@ -340,6 +340,10 @@ class EvaluateConfig:
         "private data."))
     eval_seed: int = field(default=0, metadata=_help(
         "Seed of the classifiers and of the MAUVE and perplexity subsets."))
+    audit_canaries: int = field(default=0, metadata=_help(
+        "Privacy audit (pipeline only): after the run, a SEPARATE DP training run with the same settings and this "
+        "many canaries (each in with probability 1/2) in <run-dir>/audit/; its epsilon lower bound goes into the "
+        "report. Costs about one more training run. 0: off; else >= 2 (hundreds for a meaningful bound)."))
 
     def __post_init__(self) -> None:
         owner = "evaluate"
@@ -358,6 +362,9 @@ class EvaluateConfig:
         _check(self.public_data is None or (isinstance(self.public_data, str) and self.public_data.strip() != ""),
                f"evaluate.public_data={self.public_data!r}: need a path or 'sst2:<split>' (or none).")
         _positive_int(owner, "eval_seed", self.eval_seed, minimum=0)
+        _positive_int(owner, "audit_canaries", self.audit_canaries, minimum=0)
+        _check(self.audit_canaries != 1, "evaluate.audit_canaries=1: the audit needs at least 2 canaries (0 turns it "
+               "off; hundreds give a meaningful bound).")
 
 
 #: TOML table name -> dataclass.

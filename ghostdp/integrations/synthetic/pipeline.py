@@ -589,6 +589,12 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, *, show_progress: bool 
         t = time.time()
         result = evaluate_step(config, paths.root, generator=gen, show_progress=show_progress)
         timings["evaluate_s"] = time.time() - t
+        if config.evaluate.audit_canaries:  # a separate run in <run-dir>/audit/, after the release is written
+            from ghostdp.integrations.synthetic.audit_section import add_to_report, run_audit_section
+
+            t = time.time()
+            add_to_report(paths.root, run_audit_section(config, paths.root, gen.info))
+            timings["audit_s"] = time.time() - t
         logger.info("Pipeline timings: %s", {k: round(v, 1) for k, v in timings.items()})
         return result, synthesis, timings
 
