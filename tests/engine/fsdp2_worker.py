@@ -13,7 +13,7 @@ One launch checks several cases in one process group and writes, per rank, a tor
   three runs: seed 7, seed 7 again, seed 8.
 - ``resume``: noisy training with momentum, interrupted by a DCP checkpoint and restored into a fresh,
   differently seeded model/optimizer/engine, against the same run uninterrupted.
-- ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, a DPTrainer given a sharded
+- ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, a DPTrainer given fsdp= with a sharded
   model, and a parameter used outside its clipped layer.
 Run: python -m torch.distributed.run --nproc_per_node 2 tests/engine/fsdp2_worker.py OUT_PREFIX
 """
@@ -231,8 +231,9 @@ def check_refusals(rank, world, results, folder: str):
         from ghostdp.integrations.hf.trainer import DPTrainer
         from tests.hf.trainer_helpers import collator, make_args, make_data
 
-        DPTrainer(model=shard_model(tiny_llama(True)), args=make_args(f"{folder}/trainer"), train_dataset=make_data(8),
-                  data_collator=collator())
+        # a sharded model is accepted (tests/hf/test_trainer_fsdp2.py); the Trainer's FSDP arguments are not
+        DPTrainer(model=shard_model(tiny_llama(True)), args=make_args(f"{folder}/trainer", fsdp="full_shard"),
+                  train_dataset=make_data(8), data_collator=collator())
 
     out["fsdp1"] = expect_error(fsdp1)
     out["dp_trainer"] = expect_error(dp_trainer)

@@ -9,7 +9,7 @@
   across ranks and across parameters, reproducible from the seed.
 - Resume: a DCP checkpoint of the sharded model and optimizer plus the engine's state continues a noisy
   run exactly.
-- Refusals: FSDP1, CPU offload, distributed=False, DPTrainer given a sharded model, a parameter used outside
+- Refusals: FSDP1, CPU offload, distributed=False, DPTrainer given fsdp=, a parameter used outside
   its clipped layer.
 """
 from __future__ import annotations
@@ -111,6 +111,6 @@ def test_refusals(results):
         assert msgs["fsdp1"].startswith("TypeError") and "FSDP2" in msgs["fsdp1"] and "fully_shard" in msgs["fsdp1"]
         assert msgs["offload"].startswith("UnsupportedModuleError") and "CPU offload" in msgs["offload"]
         assert msgs["not_distributed"].startswith("ValueError") and "reduce-scattered" in msgs["not_distributed"]
-        assert msgs["dp_trainer"].startswith("ValueError") and "sharded with FSDP2" in msgs["dp_trainer"], msgs
+        assert msgs["dp_trainer"].startswith("ValueError") and "fully_shard yourself" in msgs["dp_trainer"], msgs
         assert msgs["used_outside"].startswith("UnsupportedModuleError"), msgs["used_outside"]
         assert "model.layers.0.mlp.up_proj.weight" in msgs["used_outside"]

@@ -293,7 +293,7 @@ ARG_ERRORS = [
     (dict(label_smoothing_factor=0.1), "label smoother"),
     (dict(fp16=True), "loss scaling"),
     (dict(neftune_noise_alpha=5.0), "NEFTune"),
-    (dict(fsdp="full_shard"), "FSDP is not supported"),
+    (dict(fsdp="full_shard"), "does not take the Trainer.s FSDP arguments"),
     (dict(deepspeed={"zero_optimization": {"stage": 2}}), "DeepSpeed is not supported"),
     (dict(optim="lomo"), "LOMO"),
     (dict(push_to_hub=True, hub_strategy="checkpoint", hub_model_id="x/y"), "sampler's RNG state"),

@@ -220,17 +220,18 @@ class DPTrainingArguments(TrainingArguments):
             )
         if self.fsdp:
             raise ValueError(
-                "FSDP is not supported by DPTrainer yet: the Trainer would hand the model to accelerate's FSDP, whose "
-                "gradient reduction ghostdp replaces. ghostdp's PrivacyEngine itself trains FSDP2 models: shard with "
-                "torch.distributed.fsdp.fully_shard under torchrun and attach a PrivacyEngine (docs/fsdp2.md). Or "
-                "use DPTrainer data parallel (torchrun, no fsdp). FSDP1 (FullyShardedDataParallel) is refused."
+                f"fsdp={self.fsdp!r}: DPTrainer does not take the Trainer's FSDP arguments: the Trainer would hand the "
+                "model to accelerate's FSDP, whose gradient reduction ghostdp replaces (FSDP1, and accelerate's FSDP2 "
+                "route, which runs only on multi-GPU machines and is untested). Instead, under torchrun, wrap the "
+                "model's blocks and root with torch.distributed.fsdp.fully_shard yourself and pass the sharded "
+                "model to DPTrainer without fsdp arguments (docs/fsdp2.md); or use data parallel (no fsdp)."
             )
         if self.deepspeed:
             raise ValueError(
                 "DeepSpeed is not supported: its engine reduces (ZeRO: partitions) gradients in its own hooks "
                 "and assumes a fixed gradient accumulation, while Poisson batches vary. To shard parameters, "
-                "gradients and optimizer state (ZeRO-3's memory) use FSDP2: torch.distributed.fsdp.fully_shard "
-                "with ghostdp's PrivacyEngine (docs/fsdp2.md); or data parallel (torchrun, no deepspeed)."
+                "gradients and optimizer state (ZeRO-3's memory) use FSDP2: wrap the model with "
+                "torch.distributed.fsdp.fully_shard and pass it to DPTrainer (docs/fsdp2.md); or data parallel (torchrun, no deepspeed)."
             )
         if self.parallelism_config is not None:
             raise ValueError(

@@ -454,6 +454,12 @@ class DPTrainer(Trainer):
                     "DDP). Upgrade transformers, or train the sharded model with ghostdp's PrivacyEngine directly "
                     "(docs/fsdp2.md)."
                 )
+            if self.args.load_best_model_at_end:
+                raise ValueError(
+                    "load_best_model_at_end=True with an FSDP2 (fully_shard) model: DPTrainer's sharded checkpoints "
+                    "are resumed with train(resume_from_checkpoint=...), not reloaded as a best model. Set "
+                    "load_best_model_at_end=False and resume from the checkpoint you want."
+                )
             if not (dist.is_available() and dist.is_initialized()) or self.args.world_size < 2:
                 raise ValueError(
                     "The model is sharded with FSDP2 (fully_shard) but the Trainer runs a single process "
