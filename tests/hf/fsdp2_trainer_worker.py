@@ -5,7 +5,8 @@
 Every run shards a fresh tiny tied float64 Llama (each block, then the root) and trains it with DPTrainer on the
 data of ``fsdp2_run`` (logical batch 6 of 24, physical batches of 2, so the ranks' shares and numbers of physical
 batches differ and some are empty). Rank 0 writes OUT_DIR/result.pt with the gathered trainable parameters of:
-- ``exact``: noise 0, SGD, 4 steps (the test compares it with one unsharded process);
+- ``exact``: noise 0, SGD, 4 steps (the test compares it with one unsharded process); ``lora``: the same
+  with LoRA adapters (PEFT model, its base's blocks sharded);
 - ``full``: noise 0.6, AdamW, 4 steps, checkpoints at steps 2 and 4 (sharded model + optimizer state);
 - ``resumed``: a fresh model, differently initialised, resumed from ``full``'s checkpoint-2;
 with their epsilons and logged epsilons, and ``full``'s final model as written by save_model.
@@ -24,7 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.helpers import tiny_llama  # noqa: E402
-from tests.hf.trainer_helpers import collator, make_args, make_data  # noqa: E402
+from tests.hf.trainer_helpers import collator, lora, make_args, make_data  # noqa: E402
 
 N, STEPS = 24, 4
 
@@ -32,7 +33,8 @@ N, STEPS = 24, 4
 def shard(model):
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.model.layers:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    for block in inner.model.layers:
         fully_shard(block)
     fully_shard(model)
     return model
@@ -46,10 +48,12 @@ def gathered(model) -> dict[str, torch.Tensor]:
 
 
 def fsdp2_run(output_dir, *, sharded: bool, noise: float, optim: str = "sgd", seed: int = 0,
-              resume: str | None = None, save_steps: int | None = None):
+              resume: str | None = None, save_steps: int | None = None, use_lora: bool = False):
     from ghostdp.integrations.hf.trainer import DPTrainer
 
     model = tiny_llama(True, seed=seed)
+    if use_lora:
+        model = lora(model)
     if sharded:
         model = shard(model)
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
@@ -67,6 +71,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     res = {"world": dist.get_world_size()}
     _, res["exact"], _, _ = fsdp2_run(out / "exact", sharded=True, noise=0.0)
+    _, res["lora"], _, _ = fsdp2_run(out / "lora", sharded=True, noise=0.0, use_lora=True)
     full, res["full"], res["full_eps"], res["full_logged"] = fsdp2_run(
         out / "full", sharded=True, noise=0.6, optim="adamw_torch", save_steps=2)
     full.save_model(str(out / "final"))  # gathered on rank 0

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import ghostdp.accounting as acc
 from tests.helpers import tiny_llama
 from tests.hf.fsdp2_trainer_worker import N, STEPS, fsdp2_run
-from tests.hf.trainer_helpers import REPO
+from tests.hf.trainer_helpers import REPO, lora
 
 
 def _free_port() -> int:
@@ -46,6 +46,16 @@ def test_fsdp2_equals_one_unsharded_process(sharded, tmp_path):
     for name, p in params.items():
         assert not torch.equal(p, start[name].detach()), f"{name} did not move"  # every parameter trained
         torch.testing.assert_close(res["exact"][name], p, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp2_lora_equals_one_unsharded_process(sharded, tmp_path):
+    _, res = sharded
+    _, params, _, _ = fsdp2_run(tmp_path / "single", sharded=False, noise=0.0, use_lora=True)
+    assert set(res["lora"]) == set(params) and all("lora_" in n for n in params)
+    start = dict(lora(tiny_llama(True)).named_parameters())
+    for name, p in params.items():
+        assert not torch.equal(p, start[name].detach()), f"{name} did not move"
+        torch.testing.assert_close(res["lora"][name], p, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def test_fsdp2_logs_the_accountants_epsilon(sharded):
