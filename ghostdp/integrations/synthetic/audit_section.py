@@ -145,7 +145,10 @@ def section_markdown(f: dict[str, Any]) -> str:
         verdict, "",
         "The audit cost one more DP training run plus scoring the canaries before and after (the time above). "
         "Its loop is the audit module's (Adam at a constant learning rate, every token scored), not the HF "
-        "Trainer's; the privacy mechanism is the same.", "",
+        "Trainer's; the privacy mechanism is the same. The audit run trained on the private data too: its "
+        "figures are DP at the accountant's epsilon above, but publishing them beside the release composes the two "
+        "runs. `ghostdp evaluate` rewrites report.md without this section; the pipeline command adds it back "
+        "(the finished audit is reused).", "",
         f"![audit scores in vs out]({f['plot']})", "",
     ])
 

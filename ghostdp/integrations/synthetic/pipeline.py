@@ -13,6 +13,8 @@ One run lives in one folder (``run_dir``)::
     private/             NOT releasable: training checkpoints while training (trainer/, with the settings
                          of the attempt in train_attempt.json), training.json (per-step losses on private
                          batches, N, time), the key of the data fingerprint
+    audit/               only with evaluate.audit_canaries = m > 0: a SEPARATE DP run with m canaries, its bound
+                         (audit_section); never in model/ or synthetic/; NOT releasable with the model as is
     report.md, metrics.json, *.png
                          evaluation; NOT releasable as is: it holds non-private baselines trained on the
                          private data and quotes private texts (memorisation worst cases)
