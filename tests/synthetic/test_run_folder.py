@@ -463,7 +463,7 @@ def test_a_second_process_on_a_run_folder_is_refused(setup, capsys, command):
     try:
         assert holder.stdout.readline().strip() == "locked"
         args = [command, "--run-dir", str(run), "--no-progress"]
-        assert main(args + (["--config", cfg()] if command in ("train", "pipeline") else [])) == 2
+        assert main(args + (["--config", cfg()] if command in ("train", "pipeline", "evaluate") else [])) == 2
         err = capsys.readouterr().err
         assert f"is in use by `ghostdp synthesize` (pid {holder.pid}" in err and "another --run-dir" in err
         assert {k: v for k, v in _snapshot(run).items() if k != LOCK_FILE} == before
