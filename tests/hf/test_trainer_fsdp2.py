@@ -17,7 +17,10 @@ from safetensors.torch import load_file
 import ghostdp.accounting as acc
 from tests.helpers import tiny_llama
 from tests.hf.fsdp2_trainer_worker import N, STEPS, fsdp2_run
-from tests.hf.trainer_helpers import REPO, lora
+from tests.hf.trainer_helpers import REPO, TRANSFORMERS_4, lora
+
+# On transformers 4.x DPTrainer refuses a sharded model (its Trainer wraps the model in DDP).
+pytestmark = pytest.mark.skipif(TRANSFORMERS_4, reason="DPTrainer under FSDP2 needs transformers 5.x")
 
 
 def _free_port() -> int:
