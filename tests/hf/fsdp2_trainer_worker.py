@@ -9,7 +9,8 @@ batches differ and some are empty). Rank 0 writes OUT_DIR/result.pt with the gat
   with LoRA adapters (PEFT model, its base's blocks sharded);
 - ``full``: noise 0.6, AdamW, 4 steps, checkpoints at steps 2 and 4 (sharded model + optimizer state);
 - ``resumed``: a fresh model, differently initialised, resumed from ``full``'s checkpoint-2;
-with their epsilons and logged epsilons, and ``full``'s final model as written by save_model.
+with their epsilons and logged epsilons, ``full``'s final model as written by save_model, and the error
+of resuming from a checkpoint whose shards claim another world size.
 """
 from __future__ import annotations
 
@@ -78,6 +79,21 @@ if __name__ == "__main__":
     _, res["resumed"], res["resumed_eps"], res["resumed_logged"] = fsdp2_run(
         out / "resumed", sharded=True, noise=0.6, optim="adamw_torch", seed=1,
         resume=str(out / "full" / "checkpoint-2"))
+    # a checkpoint of another world size is refused on every rank (its shards would not fit this sharding)
+    other = out / "other_world"
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.copytree(out / "full" / "checkpoint-2", other)
+        for r in range(dist.get_world_size()):
+            shards = torch.load(other / f"ghostdp_fsdp2_rank{r}.pt", weights_only=True)
+            torch.save({**shards, "world_size": 4}, other / f"ghostdp_fsdp2_rank{r}.pt")
+    dist.barrier()
+    try:
+        fsdp2_run(out / "refused", sharded=True, noise=0.6, optim="adamw_torch", resume=str(other))
+        res["other_world"] = "no error"
+    except ValueError as e:
+        res["other_world"] = str(e)
     res["shard_files"] = sorted(f for f in os.listdir(out / "full" / "checkpoint-2") if f.startswith("ghostdp_"))
     if dist.get_rank() == 0:
         torch.save(res, out / "result.pt")

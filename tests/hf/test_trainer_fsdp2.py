@@ -77,6 +77,7 @@ def test_fsdp2_checkpoint_resumes_exactly(sharded):
         torch.testing.assert_close(res["resumed"][name], p, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
     assert res["resumed_eps"] == res["full_eps"]
     assert res["resumed_logged"] == res["full_logged"]
+    assert "holds FSDP2 shards of 4 ranks, this run has 2" in res["other_world"], res["other_world"]
     # save_model gathers the full model on rank 0 into a plain transformers checkpoint
     saved = load_file(str(out / "final" / "model.safetensors"))
     tied = {"lm_head.weight": "model.embed_tokens.weight"}
