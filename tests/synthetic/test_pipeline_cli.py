@@ -113,20 +113,20 @@ def test_layers_defaults_preset_file_flags_later_wins(tmp_path, sst2_dir):
     cfg_file = _write(tmp_path / "c.toml",
                       '[synthesize]\nnum_samples = 77\ntemperature = 0.8\n[train]\nlora_targets = ["q_proj"]\n')
     ns = build_parser().parse_args(["pipeline", "--preset", "cpu-demo", "--config", str(cfg_file), "--temperature",
-                                    "0.5", "--no-dedup", "--delta", "1e-6", "--run-dir", str(tmp_path / "r")])
+                                    "0.5", "--no-dedup", "--target-delta", "1e-6", "--run-dir", str(tmp_path / "r")])
     config, run_dir = resolve_config(ns)
     assert run_dir == tmp_path / "r" and config.preset == "cpu-demo"
     assert config.train.max_steps == PRESETS["cpu-demo"]["train"]["max_steps"]  # preset over the default
     assert config.synthesize.num_samples == 77  # file over the preset
     assert config.synthesize.temperature == 0.5 and config.synthesize.dedup is False  # flags over the file
-    assert config.train.delta == 1e-6 and config.train.lora_targets == ("q_proj",)
-    assert config.train.epochs == TrainConfig().epochs  # untouched: the default
+    assert config.train.target_delta == 1e-6 and config.train.lora_targets == ("q_proj",)
+    assert config.train.num_train_epochs == TrainConfig().num_train_epochs  # untouched: the default
 
 
 def test_config_round_trips_through_toml(tmp_path):
     config = build_run_config(merge_overrides(
         PRESETS["sst2-full"], {"data": {"label_names": "0=neg,1=pos", "train_rows": None},
-                               "train": {"delta": None, "dp_seed": 3}}))
+                               "train": {"target_delta": None, "dp_seed": 3}}))
     path = _write(tmp_path / "config.toml", run_config_to_toml(config))
     assert build_run_config(load_toml(path)) == config
     assert config.data.label_names == (("0", "neg"), ("1", "pos"))
@@ -290,3 +290,13 @@ def test_real_smollm2_and_minilm_pipeline(tmp_path, sst2_dir):
     ppl = result.figures["metrics"]["perplexity"]
     assert 1 < ppl["finetuned"]["perplexity"] < 1e4 and ppl["finetuned"]["tokens"] > 0
     assert result.headline["accuracy_dp_on_real"] is not None and result.report_md.is_file()
+
+
+def test_renamed_train_keys_name_their_new_spelling(tmp_path):
+    """The TOML config spells delta and epochs as DPTrainingArguments does; an old file is told the new name."""
+    from ghostdp.integrations.synthetic.config import ConfigError, load_toml
+
+    for old, new in (("delta", "target_delta"), ("epochs", "num_train_epochs")):
+        path = _write(tmp_path / f"{old}.toml", f"[train]\n{old} = 1e-6\n")
+        with pytest.raises(ConfigError, match=rf"\[train\] {old} is now {new}"):
+            load_toml(path)

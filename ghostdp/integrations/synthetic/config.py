@@ -24,7 +24,7 @@ A TOML file has one table per stage and an optional top-level ``run_dir`` and ``
     [evaluate]
     classifier = "linear_probe"
 
-TOML has no null: write ``"none"`` for a field whose value may be None (e.g. ``delta = "none"``).
+TOML has no null: write ``"none"`` for a field whose value may be None (e.g. ``target_delta = "none"``).
 Unknown sections or keys are errors, never ignored: a typo in a privacy parameter must not silently fall
 back to a default. Every error raised here is a :class:`ConfigError` (a ``ValueError``) naming the
 field and the fix; the CLI turns it into exit code 2.
@@ -64,6 +64,10 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration value or file is wrong; the message names the field and the fix."""
+
+
+#: Keys renamed so the TOML config and DPTrainingArguments spell each concept one way: (table, old) -> new.
+RENAMED_KEYS = {("train", "delta"): "target_delta", ("train", "epochs"): "num_train_epochs"}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -180,13 +184,15 @@ class TrainConfig:
     target_epsilon: float = field(default=3.0, metadata=_help(
         "epsilon of DP-SGD training; the noise is calibrated so the planned steps spend at most this. inf: NOT "
         "private, no noise and no clipping (a baseline for comparisons, never a release)."))
-    delta: float | None = field(default=None, metadata=_help("delta of (epsilon, delta)-DP (none: 1/(2N))."))
+    target_delta: float | None = field(default=None, metadata=_help(
+        "delta of (epsilon, delta)-DP (none: 1/(2N)); the name DPTrainingArguments uses."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Per-example clipping bound C."))
     logical_batch_size: int = field(default=64, metadata=_help(
         "Expected examples per step (Poisson rate q = logical_batch_size / N)."))
     physical_batch_size: int = field(default=16, metadata=_help("Examples per forward/backward (memory only)."))
-    epochs: float = field(default=1.0, metadata=_help("Passes over the data in expectation (steps = epochs / q)."))
-    max_steps: int | None = field(default=None, metadata=_help("Number of DP steps; overrides epochs when set."))
+    num_train_epochs: float = field(default=1.0, metadata=_help(
+        "Passes over the data in expectation (steps = num_train_epochs / q); the name DPTrainingArguments uses."))
+    max_steps: int | None = field(default=None, metadata=_help("Number of DP steps; overrides num_train_epochs when set."))
     learning_rate: float = field(default=2e-3, metadata=_help("AdamW learning rate."))
     lr_scheduler: str = field(default="constant", metadata=_help(
         "Hugging Face lr_scheduler_type ('constant', 'linear', 'cosine', ...)."))
@@ -235,16 +241,17 @@ class TrainConfig:
         if self.target_epsilon != math.inf:  # inf: the non-private baseline (no noise, no clipping)
             _number(owner, "target_epsilon", self.target_epsilon, low=0,
                     hint="DP synthesis trains under a finite budget (inf only for a non-private baseline).")
-        _number(owner, "delta", self.delta, low=0, high=1, allow_none=True, hint="Leave it none for 1/(2N).")
-        if self.delta is not None:
-            _check(self.delta < 1, f"train.delta={self.delta}: need a probability well below 1/N.")
+        _number(owner, "target_delta", self.target_delta, low=0, high=1, allow_none=True,
+                hint="Leave it none for 1/(2N).")
+        if self.target_delta is not None:
+            _check(self.target_delta < 1, f"train.target_delta={self.target_delta}: need a probability well below 1/N.")
         _number(owner, "max_grad_norm", self.max_grad_norm, low=0)
         _positive_int(owner, "logical_batch_size", self.logical_batch_size)
         _positive_int(owner, "physical_batch_size", self.physical_batch_size)
         _check(self.physical_batch_size <= self.logical_batch_size,
                f"train.physical_batch_size={self.physical_batch_size} > logical_batch_size={self.logical_batch_size}: "
                "the physical batch is a slice of one logical (Poisson) batch; lower physical_batch_size.")
-        _number(owner, "epochs", self.epochs, low=0)
+        _number(owner, "num_train_epochs", self.num_train_epochs, low=0)
         _positive_int(owner, "max_steps", self.max_steps, allow_none=True)
         _number(owner, "learning_rate", self.learning_rate, low=0)
         _positive_int(owner, "max_length", self.max_length, minimum=4)
@@ -534,6 +541,9 @@ def _check_layout(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: [{key}] must be a table.")
             valid = [f.name for f in dataclasses.fields(SECTIONS[key])]
             unknown = sorted(set(value) - set(valid))
+            renamed = [f"{k} is now {RENAMED_KEYS[key, k]}" for k in unknown if (key, k) in RENAMED_KEYS]
+            if renamed:
+                raise ConfigError(f"{where}: [{key}] {'; '.join(renamed)} (one spelling with DPTrainingArguments).")
             if unknown:
                 raise ConfigError(
                     f"{where}: unknown key(s) {unknown} in [{key}]. Valid keys: {', '.join(valid)}."

@@ -253,7 +253,7 @@ def _finished_checkpoint(trainer, cfg: TrainConfig, checkpoint: Path, done: dict
     priv = {k: done[k] for k in ("epsilon", "delta", "accountant", "target_epsilon", "noise_multiplier",
                                  "max_grad_norm", "sample_rate", "logical_batch_size", "steps", "history")}
     priv["planned_steps"] = cfg.max_steps if cfg.max_steps is not None else planning.planned_steps(
-        sample_rate=done["sample_rate"], epochs=cfg.epochs, max_steps=None)
+        sample_rate=done["sample_rate"], epochs=cfg.num_train_epochs, max_steps=None)
     state = _read_json(checkpoint / "trainer_state.json")
     return priv, state.get("log_history", [])
 
@@ -305,9 +305,9 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
             f"The private data has {N} rows, fewer than train.logical_batch_size={cfg.logical_batch_size}; lower "
             "logical_batch_size (q = logical_batch_size / N must be <= 1, and small for privacy amplification)."
         )
-    delta = cfg.delta if cfg.delta is not None else planning.default_delta(N)
+    delta = cfg.target_delta if cfg.target_delta is not None else planning.default_delta(N)
     try:
-        planning.check_delta(delta, N, where="train.delta")
+        planning.check_delta(delta, N, where="train.target_delta")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     resume = _resume_point(paths, config)
@@ -338,7 +338,7 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
         output_dir=str(paths.trainer), target_epsilon=None if nonprivate else cfg.target_epsilon, target_delta=delta,
         **({"noise_multiplier": 0.0} if nonprivate else {}),
         logical_batch_size=cfg.logical_batch_size, per_device_train_batch_size=cfg.physical_batch_size,
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, weight_decay=0.0,
         max_grad_norm=NO_CLIP if nonprivate else cfg.max_grad_norm, accountant=cfg.accountant, clipping=cfg.clipping,
         dp_seed=cfg.dp_seed, seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, logging_steps=1, save_strategy="steps",
@@ -353,7 +353,7 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
         done = _read_json(resume / PRIVACY_FILE)
         budget = planning.plan_dp_sgd(
             num_examples=N, expected_batch_size=cfg.logical_batch_size, delta=delta, accountant=cfg.accountant,
-            steps=planning.planned_steps(sample_rate=cfg.logical_batch_size / N, epochs=cfg.epochs,
+            steps=planning.planned_steps(sample_rate=cfg.logical_batch_size / N, epochs=cfg.num_train_epochs,
                                          max_steps=cfg.max_steps),
             target_epsilon=cfg.target_epsilon, noise_multiplier=done["noise_multiplier"], history=done["history"],
         ).budget_steps

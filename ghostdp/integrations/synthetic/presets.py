@@ -77,7 +77,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "model": "smollm2-135m", "method": "lora", "lora_rank": 16, "lora_alpha": 32.0,
             "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
             "target_epsilon": 3.9, "label_epsilon": 0.1, "max_grad_norm": 1.0,
-            "logical_batch_size": 1024, "physical_batch_size": 128, "epochs": 3.0, "max_steps": None,
+            "logical_batch_size": 1024, "physical_batch_size": 128, "num_train_epochs": 3.0, "max_steps": None,
             "learning_rate": 2e-3, "lr_scheduler": "constant", "max_length": 64, "bf16": True, "use_cpu": False,
         },
         "synthesize": {
