@@ -119,3 +119,36 @@ def require_embedded_smollm2() -> Path:
     if not files:
         pytest.skip(f"no .gguf file inside {Path(spec.origin).parent}")
     return files[0]
+
+
+# ---------------------------------------------------------------- a tiny labelled review task for the app
+POS = ["good", "great", "wonderful", "superb", "lovely"]
+NEG = ["bad", "awful", "dull", "boring", "tedious"]
+FILLER = ["the", "film", "movie", "plot", "acting", "story"]
+#: Every word of the toy reviews plus the pieces of the default SST-2 prompt and the label names.
+TINY_VOCAB = POS + NEG + FILLER + ["[", "][", "]:", "sst2", "negative", "positive"]
+
+
+def toy_review_rows(n: int, rng) -> list[tuple[int, str]]:
+    """n (label, text) rows, alternating 0/1: three filler words and two words of the label's sentiment,
+    shuffled, drawn from ``rng`` (a ``random.Random``)."""
+    out = []
+    for i in range(n):
+        words = rng.choices(FILLER, k=3) + rng.choices(POS if i % 2 else NEG, k=2)
+        rng.shuffle(words)
+        out.append((i % 2, " ".join(words)))
+    return out
+
+
+def write_tsv(path: Path, rows) -> Path:
+    """SST-2-style TSV (columns label, sentence)."""
+    path.write_text("label\tsentence\n" + "".join(f"{y}\t{t}\n" for y, t in rows), encoding="utf-8")
+    return path
+
+
+def save_tiny_generator(folder: Path, make_word_tokenizer) -> Path:
+    """A random tied 2-layer float32 Llama with a word tokenizer over ``TINY_VOCAB``, saved as a model folder."""
+    tok = make_word_tokenizer(TINY_VOCAB, pad=True)
+    tiny_llama(True, vocab=len(tok), dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

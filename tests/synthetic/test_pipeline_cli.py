@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from ghostdp.cli import build_parser, main, resolve_config
 from ghostdp.integrations.synthetic.config import (
@@ -22,12 +21,12 @@ from ghostdp.integrations.synthetic.config import (
     run_config_to_toml,
 )
 from ghostdp.integrations.synthetic.presets import PRESETS
-from tests.helpers import require_embedded_smollm2, tiny_llama
-
-POS = "good great wonderful superb lovely".split()
-NEG = "bad awful dull boring tedious".split()
-FILLER = "the film movie plot acting story".split()
-
+from tests.helpers import (
+    require_embedded_smollm2,
+    save_tiny_generator,
+    toy_review_rows,
+    write_tsv,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -160,21 +159,9 @@ def tiny_setup(tmp_path, make_word_tokenizer):
     """A random 2-layer Llama with a word-level tokenizer saved as a model folder, a 60-row private TSV,
     a 30-row held-out TSV, and a TOML config for them."""
     rng = random.Random(0)
-
-    def rows(n):
-        out = []
-        for i in range(n):
-            words = rng.choices(FILLER, k=3) + rng.choices(POS if i % 2 else NEG, k=2)
-            rng.shuffle(words)
-            out.append((i % 2, " ".join(words)))
-        return out
-
     for name, n in (("train.tsv", 60), ("dev.tsv", 30)):
-        _write(tmp_path / name, "label\tsentence\n" + "".join(f"{y}\t{t}\n" for y, t in rows(n)))
-    tok = make_word_tokenizer(POS + NEG + FILLER + ["[", "][", "]:", "sst2", "negative", "positive"], pad=True)
-    model = tiny_llama(True, vocab=len(tok), dtype=torch.float32)
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+        write_tsv(tmp_path / name, toy_review_rows(n, rng))
+    save_tiny_generator(tmp_path / "tiny", make_word_tokenizer)
     cfg = _write(tmp_path / "tiny.toml", f"""
 [data]
 train_data = "{tmp_path / 'train.tsv'}"

@@ -22,28 +22,21 @@ from ghostdp.integrations.synthetic.run_folder import (
     RunPaths,
     lock_run_folder,
 )
-from tests.helpers import REPO, tiny_llama
-
-POS = ["good", "great", "wonderful", "superb", "lovely"]
-NEG = ["bad", "awful", "dull", "boring", "tedious"]
-FILLER = ["the", "film", "movie", "plot", "acting", "story"]
+from tests.helpers import (
+    REPO,
+    save_tiny_generator,
+    toy_review_rows,
+    write_tsv,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows(n: int, seed: int) -> list[tuple[int, str]]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        words = rng.choices(FILLER, k=3) + rng.choices(POS if i % 2 else NEG, k=2)
-        rng.shuffle(words)
-        out.append((i % 2, " ".join(words)))
-    return out
+    return toy_review_rows(n, random.Random(seed))
 
 
-def _tsv(path: Path, rows) -> Path:
-    path.write_text("label\tsentence\n" + "".join(f"{y}\t{t}\n" for y, t in rows), encoding="utf-8")
-    return path
+_tsv = write_tsv
 
 
 TOML = """
@@ -80,9 +73,7 @@ perplexity_rows = 4
 def _make_setup(root: Path, make_word_tokenizer):
     _tsv(root / "train.tsv", _rows(60, 0))
     _tsv(root / "dev.tsv", _rows(30, 1))
-    tok = make_word_tokenizer(POS + NEG + FILLER + ["[", "][", "]:", "sst2", "negative", "positive"], pad=True)
-    tiny_llama(True, vocab=len(tok), dtype=torch.float32).save_pretrained(root / "tiny")
-    tok.save_pretrained(root / "tiny")
+    save_tiny_generator(root / "tiny", make_word_tokenizer)
 
     def cfg(name: str = "run.toml", *, steps: int = 2, dp_seed: int | None = 1) -> str:
         seed = "" if dp_seed is None else f"dp_seed = {dp_seed}\n"

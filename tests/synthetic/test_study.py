@@ -128,31 +128,16 @@ def test_inf_is_labelled_not_private_everywhere(tmp_path, caplog):
 # The real pipeline on a tiny Llama: prompt tuning and the non-private cell
 # ----------------------------------------------------------------------------------------------------
 
-POS = ["good", "great", "wonderful", "superb", "lovely"]
-NEG = ["bad", "awful", "dull", "boring", "tedious"]
-FILLER = ["the", "film", "movie", "plot", "acting", "story"]
 
 
 @pytest.fixture
 def tiny_config(tmp_path, make_word_tokenizer):
-    from tests.helpers import tiny_llama
+    from tests.helpers import save_tiny_generator, toy_review_rows, write_tsv
 
     rng = random.Random(0)
-
-    def rows(n):
-        out = []
-        for i in range(n):
-            words = rng.choices(FILLER, k=3) + rng.choices(POS if i % 2 else NEG, k=2)
-            rng.shuffle(words)
-            out.append((i % 2, " ".join(words)))
-        return out
-
     for name, n in (("train.tsv", 48), ("dev.tsv", 24)):
-        (tmp_path / name).write_text("label\tsentence\n" + "".join(f"{y}\t{t}\n" for y, t in rows(n)),
-                                     encoding="utf-8")
-    tok = make_word_tokenizer(POS + NEG + FILLER + ["[", "][", "]:", "sst2", "negative", "positive"], pad=True)
-    tiny_llama(True, vocab=len(tok), dtype=torch.float32).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+        write_tsv(tmp_path / name, toy_review_rows(n, rng))
+    save_tiny_generator(tmp_path / "tiny", make_word_tokenizer)
     return build_run_config({
         "data": {"train_data": str(tmp_path / "train.tsv"), "eval_data": str(tmp_path / "dev.tsv"),
                  "text_column": "sentence", "label_names": {"0": "negative", "1": "positive"}},
