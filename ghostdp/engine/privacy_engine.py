@@ -489,15 +489,10 @@ class PrivacyEngine:
                 if p.grad is None:
                     continue  # torch optimizers leave a parameter without a gradient unchanged
                 if p not in self._names:
-                    name = self._all_names.get(p)
-                    if name is None:
-                        why = ("it is not a parameter of the model the engine was attached to (added to the "
-                               "optimizer after attach, e.g. with add_param_group, or a tensor from elsewhere)")
-                    elif p.requires_grad:
-                        why = ("it was frozen when the engine attached and its requires_grad was turned on "
-                               "afterwards, so its gradient is autograd's raw batch gradient")
-                    else:
-                        why = "it is frozen, yet has a .grad (written by hand or by another library's hook)"
+                    if p in self._all_names:  # a model parameter the engine does not clip
+                        self._refuse_unclipped_model_grad(p, f"{type(optimizer).__name__}.step()")
+                    why = ("it is not a parameter of the model the engine was attached to (added to the "
+                           "optimizer after attach, e.g. with add_param_group, or a tensor from elsewhere)")
                     raise UnclippedGradientError(
                         f"Parameter '{self._param_name(p)}' would be stepped by the engine's optimizer, but the "
                         f"engine does not clip it: {why}. That gradient is neither clipped per example nor noised, "
