@@ -30,6 +30,7 @@ from typing import Callable
 import pytest
 import torch
 
+from ghostdp.integrations.bench.results import format_bytes
 from ghostdp.kernels import (
     linear_clipped_sum,
     linear_norm2_ghost,
@@ -234,16 +235,6 @@ def _environment() -> dict:
     }
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _markdown(env: dict, rows: list[dict]) -> str:
     lines = [
         "# ghostdp kernel benchmarks",
@@ -272,7 +263,7 @@ def _markdown(env: dict, rows: list[dict]) -> str:
         ratio = f"{r['min_ms'] / ref:.2f}x" if ref and r["min_ms"] else "-"
         lines.append(f"| {r['group']} | {r['B']} | {r['T']} | {r['d']} | {r['p']} | {r['variant']} "
                      f"| {ms(r['median_ms'])} | {ms(r['min_ms'])} | {ratio} "
-                     f"| {_fmt_bytes(r['peak_extra_bytes'])} | {_fmt_bytes(r['model_extra_bytes'])} |")
+                     f"| {format_bytes(r['peak_extra_bytes'])} | {format_bytes(r['model_extra_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -201,7 +201,8 @@ def merge_results(old: dict | None, new: dict) -> dict:
     return {"runs": {k: v for k, v in runs.items() if k in used}, "rows": rows}
 
 
-def _fmt_bytes(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
+    """A byte count for tables: "512 B", "1.5 MiB"; "-" for None."""
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -252,14 +253,14 @@ def markdown(result: dict, *, title: str = "ghostdp vs non-private vs Opacus") -
     ]
     for r in result["rows"]:
         mb = "-" if r.get("max_batch_budget_bytes") is None else (
-            f"{r['max_batch'] if r['max_batch'] is not None else 'none'} @ {_fmt_bytes(r['max_batch_budget_bytes'])}")
+            f"{r['max_batch'] if r['max_batch'] is not None else 'none'} @ {format_bytes(r['max_batch_budget_bytes'])}")
         lines.append(
             f"| {r['case']} | {r['engine']} | {label.get(r['run'], r['run'])} | {_fmt(r['trainable'], ',')} "
             f"| {_fmt(r['step_min_s'], '.3f')} / {_fmt(r['step_median_s'], '.3f')} "
             f"| {_fmt(r['time_ratio_min'], '.2f')} / {_fmt(r['time_ratio_median'], '.2f')} "
             f"| {_fmt(r.get('cpu_min_s'), '.3f')} / {_fmt(r.get('cpu_median_s'), '.3f')} "
             f"| {_fmt(r.get('cpu_ratio_min'), '.2f')} / {_fmt(r.get('cpu_ratio_median'), '.2f')} | {r['n_steps']} "
-            f"| {_fmt_bytes(r['peak_bytes'])} | {_fmt(r['memory_ratio'], '.3f')} | {mb} | {r['status']} |")
+            f"| {format_bytes(r['peak_bytes'])} | {_fmt(r['memory_ratio'], '.3f')} | {mb} | {r['status']} |")
     checks = goals(result["rows"])
     if checks:
         lines += ["", "## Goals", "", "| case | engine | goal | measured | met |", "|---|---|---|---|---|"]

@@ -24,8 +24,8 @@ from ghostdp.integrations.bench.measure import (
     measure_in_subprocess,
 )
 from ghostdp.integrations.bench.results import (
-    _fmt_bytes,
     environment,
+    format_bytes,
     new_result,
     summarize,
 )
@@ -149,7 +149,7 @@ class Session:
                                             weights_dir=weights, threads=self.threads)
             else:
                 rec = measure(case, engine, steps=self.memory_steps, warmup=0, weights_dir=weights)
-            log.info("memory %s %s: %s, peak %s", case.id, engine, rec["status"], _fmt_bytes(rec["peak_bytes"]))
+            log.info("memory %s %s: %s, peak %s", case.id, engine, rec["status"], format_bytes(rec["peak_bytes"]))
             records[engine] = rec
             if (self.max_batch_budget is not None and self.isolate and rec["status"] == "ok"
                     and self.max_batch_when(case)):
@@ -159,7 +159,7 @@ class Session:
         need = sum(r["peak_bytes"] or 0 for r in records.values() if r["status"] == "ok")
         self.co_resident[case] = self.isolate and need <= self.co_resident_fraction * _free_bytes(case.device)
         log.info("%s: workloads %s (%s of measured peaks)", case.id,
-                 "kept alive together" if self.co_resident[case] else "built one at a time", _fmt_bytes(need))
+                 "kept alive together" if self.co_resident[case] else "built one at a time", format_bytes(need))
         return records
 
     def workload(self, case: Case, engine: str) -> Workload:
