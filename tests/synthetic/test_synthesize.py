@@ -19,6 +19,7 @@ from ghostdp.integrations.synthetic.synthesize import (
     ResumeMismatchError,
     batch_seed,
     dedup_key,
+    generate_batch,
     label_targets,
     read_synthetic,
     release_label_counts,
@@ -245,3 +246,59 @@ def test_generation_leaves_the_global_rng_alone(tmp_path, tiny_model, tokenizer,
     torch.manual_seed(123)
     _run(tiny_model, tokenizer, collator, tmp_path, max_batches=1)
     assert torch.equal(torch.rand(3), before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling follows the trained model's own forward, for every fine-tuning method
+# ----------------------------------------------------------------------------------------------------
+
+
+def _trained_like(method: str, tokenizer) -> nn.Module:
+    """The tiny model as each app method leaves it: PEFT LoRA, PEFT prompt tuning (random virtual tokens), or full."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    base = tiny_llama(True, vocab=len(tokenizer), dtype=torch.float32, seed=5)
+    with torch.no_grad():  # large weights, so the continuation depends on every input (the default init repeats)
+        for name, p in base.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.5)
+    if method == "full":
+        return base.eval()
+    torch.manual_seed(2)
+    if method == "lora":
+        config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    else:
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    model = get_peft_model(base, config)
+    if method == "prompt":
+        with torch.no_grad():
+            for p in model.prompt_encoder.parameters():
+                p.normal_(0.0, 1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prompt"])
+def test_sampled_tokens_are_the_trained_forwards_argmax_step_by_step(method, tokenizer, collator):
+    # top_k=1 turns sampling into the argmax. The reference re-runs the model's forward (the one DP training
+    # differentiates: PEFT prepends the virtual tokens there) on the whole sequence at every step, no cache.
+    model = _trained_like(method, tokenizer)
+    prefix = collator.prefix_ids("positive")
+    cfg = SynthesizeConfig(top_k=1, max_new_tokens=6)
+    got = generate_batch(model, prefix, n=2, config=cfg, eos_token_id=collator.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, seed=0, device=torch.device("cpu"))
+    seq = torch.tensor([prefix])
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1].argmax())
+            if nxt == collator.eos_token_id:
+                break
+            new.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    want = tokenizer.decode(new, skip_special_tokens=True)
+    assert got == [(want, len(new) < 6)] * 2
+    if method == "prompt":  # the virtual tokens matter here: the same base without them continues differently
+        base_got = generate_batch(model.get_base_model(), prefix, n=1, config=cfg, eos_token_id=collator.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, seed=0,
+                                  device=torch.device("cpu"))
+        assert base_got[0][0] != want

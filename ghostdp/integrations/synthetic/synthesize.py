@@ -300,8 +300,13 @@ def generate_batch(
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
-    new = out[:, ids.shape[1]:].tolist()  # (n, <= max_new_tokens)
+        virtual = _virtual_token_embeddings(model, n)
+        if virtual is None:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
+            out = out[:, ids.shape[1]:]
+        else:
+            out = _generate_after_virtual_tokens(model, virtual, ids, gen_config)
+    new = out.tolist()  # (n, <= max_new_tokens)
     samples = []
     for row in new:
         eos = eos_token_id in row
@@ -309,6 +314,43 @@ def generate_batch(
             row = row[: row.index(eos_token_id)]
         samples.append((tokenizer.decode(row, skip_special_tokens=True), eos))
     return samples
+
+
+def _virtual_token_embeddings(model: torch.nn.Module, n: int) -> torch.Tensor | None:
+    """The (n, V, d) virtual-token embeddings of a PEFT prompt-tuned model, or None for any other model."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    from peft.utils import PeftType
+
+    if config.peft_type not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+        raise NotImplementedError(
+            f"Sampling from a PEFT {config.peft_type} model is not supported: ghostdp samples prompt-learning "
+            "models by prepending their virtual-token embeddings, which only prompt tuning and P-tuning have. "
+            "Train with --method lora, prompt or full."
+        )
+    return model.get_prompt(batch_size=n)
+
+
+def _generate_after_virtual_tokens(
+    model: torch.nn.Module, virtual: torch.Tensor, ids: torch.Tensor, gen_config: Any
+) -> torch.Tensor:
+    """Sample from a prompt-tuned model: the base model generates from ``[virtual tokens, prefix]`` embeddings.
+
+    This is the sequence the model was trained on (PEFT's forward prepends the same virtual tokens), decoded
+    with the base model's own key/value cache. PEFT's ``generate`` for prompt tuning is not used: with
+    transformers 5.24 and peft 0.21 it re-ran the whole sequence at every step (about 10 times slower) and its
+    tokens differed from the model's forward (greedy decoding repeated a newline where the forward's argmax
+    did not); tests/synthetic/test_synthesize.py checks the tokens here against the forward, step by step.
+    Returns the new tokens only, (n, <= max_new_tokens).
+    """
+    base = model.get_base_model()
+    embed = base.get_input_embeddings()
+    prefix = embed(ids)
+    inputs = torch.cat([virtual.to(device=prefix.device, dtype=prefix.dtype), prefix], dim=1)  # (n, V + P, d)
+    mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+    # Decoder-only generate() from inputs_embeds alone returns only the new tokens.
+    return base.generate(inputs_embeds=inputs, attention_mask=mask, generation_config=gen_config)
 
 
 @dataclass
