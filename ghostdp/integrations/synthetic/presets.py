@@ -31,7 +31,7 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
     One cell of ``ghostdp study`` (the fine-tuning method x epsilon grid) sized so that the CPU study
     ``ghostdp study --preset study-cpu --methods lora,prompt,full --epsilons 1,3,8,inf --seeds 1
     --method-lr lora=1e-2,prompt=5e-2,full=2e-4 --threads auto`` (12 cells) fits in about an hour on an
-    unshared 2-core CPU: cpu-demo's settings with 12 DP steps, 160 samples, a 300-row held-out slice,
+    unshared 2-core CPU: cpu-demo's settings with 12 DP steps of 64 expected examples, 160 samples, a 300-row held-out slice,
     80 floor samples and 32 perplexity rows, about 4-5 minutes a LoRA or prompt cell; full fine-tuning trains
     all 135M parameters (top 10 blocks' LoRA in the others) and is the slowest cell. Estimated from cpu-demo's
     measured stage times, not measured as a whole (bench/results/study_cpu.md says what was run).
@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 PRESETS["study-cpu"] = copy.deepcopy(PRESETS["cpu-demo"])
 PRESETS["study-cpu"]["data"].update(eval_rows=300)
-PRESETS["study-cpu"]["train"].update(max_steps=12, prompt_tokens=20)
+PRESETS["study-cpu"]["train"].update(logical_batch_size=64, max_steps=12, prompt_tokens=20)
 PRESETS["study-cpu"]["synthesize"].update(num_samples=160)
 PRESETS["study-cpu"]["evaluate"].update(dp_steps=100, floor_samples=80, perplexity_rows=32)
 PRESETS["study-gpu"] = copy.deepcopy(PRESETS["sst2-full"])
