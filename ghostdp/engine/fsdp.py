@@ -9,7 +9,8 @@ What changes against one device, and why the result is the same step:
   The layers' Functions keep only activations and output gradients (and the module, to read the
   weight FSDP re-gathers for backward); the weight FSDP frees after forward is never read.
 * **Clipped sums reach the shard owners.** At the end of each backward (after FSDP's own end-of-backward
-  callback has resharded everything), for one parameter at a time in model order: the clipped sum
+  callback has resharded everything), for one parameter at a time, smallest first (the same order on every
+  rank; each parameter's per-example pieces are freed once it is reduced): the clipped sum
   ``sum_i c_i G_i`` over this rank's examples is formed in one zero-padded, layer-sized buffer
   (compute dtype), reduce-scattered (sum) over the shard group, and this rank's rows are added to the
   sharded parameter's ``.grad`` (a DTensor). Never more than one unsharded parameter's buffer at once.
@@ -151,6 +152,10 @@ class FSDP2Sharding:
             if reason:
                 raise UnsupportedModuleError(f"FSDP2 parameter '{name}': {reason}. {_WAYS_OUT}")
             self._params.append((fp, name))
+        # Order of the end-of-backward reduce-scatters (the same on every rank: it depends on shapes only):
+        # smallest unsharded parameter first, so the book-keeping of the blocks (popped as they are reduced)
+        # is gone before the largest buffers (embedding, LM head) are formed.
+        self._reduce_order = sorted(self._params, key=lambda item: item[0].sharded_param.numel())
         ignored = {str(fp.mp_policy.reduce_dtype) for fp, _ in self._params
                    if fp.mp_policy.reduce_dtype not in (None, _sum_dtype(fp.sharded_param))}
         if ignored:
@@ -206,12 +211,15 @@ class FSDP2Sharding:
         impl_for: Callable[[PerExampleGrad], str],
         written: Callable[[nn.Parameter], None],
     ) -> None:
-        """For each trainable parameter in model order: this rank's clipped sum, reduce-scattered (sum) into
+        """For each trainable parameter, smallest first: this rank's clipped sum, reduce-scattered (sum) into
         the shard owners' ``sharded_param.grad``; ``written(p)`` after each. ``uses`` is keyed by sharded
-        parameters (see :meth:`sharded`). Every parameter takes part, used in this backward or not, so that
-        all ranks issue the same collectives in the same order."""
-        for fp, _ in self._params:
-            self._reduce_scatter_one(fp, uses.get(fp.sharded_param, ()), factors, impl_for)
+        parameters (see :meth:`sharded`); each parameter's entry is popped once reduced, so the per-example
+        pieces (layer inputs, output gradients) are freed as the loop goes, and the peak is the book-keeping
+        plus small buffers rather than the book-keeping plus the largest (embedding, LM head) buffers. Every
+        parameter takes part, used in this backward or not, so that all ranks issue the same collectives in
+        the same order."""
+        for fp, _ in self._reduce_order:
+            self._reduce_scatter_one(fp, uses.pop(fp.sharded_param, ()), factors, impl_for)
             written(fp.sharded_param)
 
     @staticmethod
@@ -263,7 +271,9 @@ class FSDP2Sharding:
                 p.grad = torch.zeros_like(p)
             local = p.grad.to_local()
             seed = kernels.noise_seed(base_seed, "fsdp2", p.device_mesh.get_local_rank(), index)
-            kernels.add_noise_(local, noise_std=std, seed=seed, scale=1.0 / expected_batch_size, impl=impl(local))
+            # impl of the parameter (resolved once at attach), not of the fresh local tensor: a lookup keyed by
+            # a new tensor every step would be cached by the engine and keep every step's gradient alive.
+            kernels.add_noise_(local, noise_std=std, seed=seed, scale=1.0 / expected_batch_size, impl=impl(p))
 
 
 def attach(model: nn.Module, names: dict[nn.Parameter, str], on_untracked: Callable,

@@ -568,6 +568,10 @@ class PrivacyEngine:
             if p.grad is not None and p.requires_grad and p not in self._names:
                 self._refuse_unclipped_model_grad(p, "at the end of backward")
         if self._fsdp is not None:  # FSDP2: every parameter's clipped sum is reduce-scattered to its shards
+            # add_clipped_sums pops each parameter's pieces once reduced, so the book-keeping shrinks while the
+            # layer-sized buffers come and go; no other reference may keep the pieces alive meanwhile.
+            same_input.clear()
+            first = uses = group = None  # noqa: F841
             self._fsdp.add_clipped_sums(ctx.uses, factors, self._impl_for, self._mark_written)
             ctx.uses = {}
         for p, uses in ctx.uses.items():
