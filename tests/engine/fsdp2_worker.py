@@ -13,8 +13,8 @@ One launch checks several cases in one process group and writes, per rank, a tor
   three runs: seed 7, seed 7 again, seed 8.
 - ``resume``: noisy training with momentum, interrupted by a DCP checkpoint and restored into a fresh,
   differently seeded model/optimizer/engine, against the same run uninterrupted.
-- ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, a DPTrainer given fsdp= with a sharded
-  model, and a parameter used outside its clipped layer.
+- ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, a DPTrainer given fsdp= with an
+  already sharded model, and a parameter used outside its clipped layer.
 Run: python -m torch.distributed.run --nproc_per_node 2 tests/engine/fsdp2_worker.py OUT_PREFIX
 """
 from __future__ import annotations
@@ -231,7 +231,8 @@ def check_refusals(rank, world, results, folder: str):
         from ghostdp.integrations.hf.trainer import DPTrainer
         from tests.hf.trainer_helpers import collator, make_args, make_data
 
-        # a sharded model is accepted (tests/hf/test_trainer_fsdp2.py); the Trainer's FSDP arguments are not
+        # a sharded model is accepted, and so are FSDP2 arguments with an unsharded one (tests/hf/test_trainer_fsdp2.py);
+        # both at once would wrap the model twice
         DPTrainer(model=shard_model(tiny_llama(True)), args=make_args(f"{folder}/trainer", fsdp="full_shard"),
                   train_dataset=make_data(8), data_collator=collator())
 

@@ -10,7 +10,9 @@ batches differ and some are empty). Rank 0 writes OUT_DIR/result.pt with the gat
 - ``full``: noise 0.6, AdamW, 4 steps, checkpoints at steps 2 and 4 (sharded model + optimizer state);
 - ``resumed``: a fresh model, differently initialised, resumed from ``full``'s checkpoint-2;
 with their epsilons and logged epsilons, ``full``'s final model as written by save_model, and the error
-of resuming from a checkpoint whose shards claim another world size.
+of resuming from a checkpoint whose shards claim another world size. ``args_exact``, ``args_lora`` and
+``args_resumed`` repeat ``exact``, ``lora`` and ``resumed`` with an unsharded model and the Trainer's FSDP2
+arguments (:data:`FSDP_ARGS`), which DPTrainer honours by sharding the model itself.
 """
 from __future__ import annotations
 
@@ -48,8 +50,19 @@ def gathered(model) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+#: The Trainer's FSDP2 arguments DPTrainer honours itself (it shards the unsharded model it is given): the legacy
+#: string form with the blocks named, and the plain form with the model's _no_split_modules.
+FSDP_ARGS = {
+    "named": dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}),
+    "default": dict(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True}),
+}
+
+
 def fsdp2_run(output_dir, *, sharded: bool, noise: float, optim: str = "sgd", seed: int = 0,
-              resume: str | None = None, save_steps: int | None = None, use_lora: bool = False):
+              resume: str | None = None, save_steps: int | None = None, use_lora: bool = False,
+              fsdp_args: str | None = None):
+    """``sharded``: the model is passed through :func:`shard` first; ``fsdp_args``: a key of :data:`FSDP_ARGS`,
+    the model is passed unsharded with those arguments."""
     from ghostdp.integrations.hf.trainer import DPTrainer
 
     model = tiny_llama(True, seed=seed)
@@ -58,6 +71,8 @@ def fsdp2_run(output_dir, *, sharded: bool, noise: float, optim: str = "sgd", se
     if sharded:
         model = shard(model)
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
+    if fsdp_args:
+        save.update(FSDP_ARGS[fsdp_args])
     args = make_args(output_dir, logical_batch_size=6, per_device_train_batch_size=2, max_steps=STEPS,
                      noise_multiplier=noise, dp_seed=3, optim=optim, learning_rate=0.05, **save)
     trainer = DPTrainer(model=model, args=args, train_dataset=make_data(N, seed=5), data_collator=collator())
@@ -78,6 +93,13 @@ if __name__ == "__main__":
     full.save_model(str(out / "final"))  # gathered on rank 0
     _, res["resumed"], res["resumed_eps"], res["resumed_logged"] = fsdp2_run(
         out / "resumed", sharded=True, noise=0.6, optim="adamw_torch", seed=1,
+        resume=str(out / "full" / "checkpoint-2"))
+    # the Trainer's FSDP2 arguments (DPTrainer shards the unsharded model itself): the same runs as above
+    _, res["args_exact"], _, _ = fsdp2_run(out / "args_exact", sharded=False, noise=0.0, fsdp_args="named")
+    _, res["args_lora"], _, _ = fsdp2_run(out / "args_lora", sharded=False, noise=0.0, use_lora=True,
+                                         fsdp_args="default")
+    _, res["args_resumed"], res["args_resumed_eps"], res["args_resumed_logged"] = fsdp2_run(
+        out / "args_resumed", sharded=False, noise=0.6, optim="adamw_torch", seed=1, fsdp_args="default",
         resume=str(out / "full" / "checkpoint-2"))
     # a checkpoint of another world size is refused on every rank (its shards would not fit this sharding)
     other = out / "other_world"

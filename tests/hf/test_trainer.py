@@ -26,8 +26,8 @@ from ghostdp.engine.loss import per_example_lm_loss
 from ghostdp.integrations.hf.trainer import PRIVACY_FILE, STATE_FILE, DPTrainer, PrivacyBudgetExhaustedError
 from tests.helpers import SST2_DIR, require_embedded_smollm2, tiny_llama
 from tests.hf.trainer_helpers import (
-    CHECKPOINTING, DDP_N, DDP_STEPS, IS_CHECKPOINTING, LENGTH_GROUPED, REPO, collator, ddp_run, lora, make_args,
-    make_data, trainable,
+    CHECKPOINTING, DDP_N, DDP_STEPS, IS_CHECKPOINTING, LENGTH_GROUPED, REPO, TRANSFORMERS_4, collator, ddp_run, lora,
+    make_args, make_data, trainable,
 )
 
 N, L, B = 24, 4, 3  # examples, logical (expected) batch, physical batch: q = 1/6, 6 steps per sampler pass
@@ -293,7 +293,16 @@ ARG_ERRORS = [
     (dict(label_smoothing_factor=0.1), "label smoother"),
     (dict(fp16=True), "loss scaling"),
     (dict(neftune_noise_alpha=5.0), "NEFTune"),
-    (dict(fsdp="full_shard"), "does not take the Trainer.s FSDP arguments"),
+    # FSDP2 arguments are honoured (tests/hf/test_trainer_fsdp2.py); what DPTrainer cannot honour is refused
+    (dict(fsdp="full_shard", fsdp_config={"version": 1}), "FSDP2 only" if not TRANSFORMERS_4 else "5.x only"),
+    (dict(fsdp="full_shard offload"), "CPU offload" if not TRANSFORMERS_4 else "5.x only"),
+    (dict(fsdp="hybrid_shard"), "HSDP needs a 2-D mesh" if not TRANSFORMERS_4 else "5.x only"),
+    (dict(fsdp=True, fsdp_config={"activation_checkpointing": True}),
+     "gradient_checkpointing=True" if not TRANSFORMERS_4 else "5.x only"),
+    (dict(fsdp=True, fsdp_config={"fsdp_forward_prefetch": True}),
+     "not FSDP2 options DPTrainer honours" if not TRANSFORMERS_4 else "5.x only"),
+    (dict(fsdp=True, fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"}),
+     "leave state_dict_type unset" if not TRANSFORMERS_4 else "5.x only"),
     (dict(deepspeed={"zero_optimization": {"stage": 2}}), "DeepSpeed is not supported"),
     (dict(optim="lomo"), "LOMO"),
     (dict(push_to_hub=True, hub_strategy="checkpoint", hub_model_id="x/y"), "sampler's RNG state"),

@@ -84,3 +84,26 @@ def test_fsdp2_checkpoint_resumes_exactly(sharded):
     assert set(saved) - set(tied) == set(res["full"])
     for name, t in saved.items():
         torch.testing.assert_close(t, res["full"][tied.get(name, name)], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp2_trainer_arguments_equal_the_user_sharded_model(sharded):
+    """DPTrainingArguments(fsdp=..., fsdp_config={version 2}) with an unsharded model: DPTrainer calls fully_shard on
+    the blocks and the root itself; training equals the run on the model the user sharded (noise 0: full and LoRA;
+    noisy AdamW resumed from the user-sharded run's checkpoint: the uninterrupted run, epsilons included)."""
+    _, res = sharded
+    for ours, theirs in (("args_exact", "exact"), ("args_lora", "lora"), ("args_resumed", "full")):
+        assert set(res[ours]) == set(res[theirs]), ours
+        for name, p in res[theirs].items():
+            torch.testing.assert_close(res[ours][name], p, rtol=0, atol=0, msg=lambda m: f"{ours} {name}: {m}")
+    assert res["args_resumed_eps"] == res["full_eps"]
+    assert res["args_resumed_logged"] == res["full_logged"]
+
+
+def test_fsdp2_trainer_arguments_refused_in_one_process(tmp_path):
+    from ghostdp.integrations.hf.trainer import DPTrainer
+    from tests.hf.fsdp2_trainer_worker import FSDP_ARGS
+    from tests.hf.trainer_helpers import collator, make_args, make_data
+
+    args = make_args(tmp_path, **FSDP_ARGS["default"])
+    with pytest.raises(ValueError, match="single process"):
+        DPTrainer(model=tiny_llama(True), args=args, train_dataset=make_data(8), data_collator=collator())

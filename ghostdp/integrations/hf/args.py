@@ -8,7 +8,9 @@ off by ``DPTrainer`` (it would rescale the noise and the signal together, after 
 
 Everything that can be judged without the data is judged here, when the arguments are built: options
 that would break the guarantee (fp16 loss scaling, non-Poisson samplers, batch-level label smoothing,
-fused/compiled losses, gradient accumulation set by hand, FSDP, DeepSpeed) fail with an explanation.
+fused/compiled losses, gradient accumulation set by hand, FSDP1 and FSDP options DPTrainer cannot honour,
+DeepSpeed) fail with an explanation. ``fsdp`` with an FSDP2 ``fsdp_config`` is honoured by DPTrainer itself
+(:func:`fsdp2_settings`, docs/fsdp2.md).
 Dataset-dependent checks (a dataset smaller than the logical batch, delta >= 1/N) run in ``DPTrainer``.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import transformers
 from packaging.version import Version
 from transformers import TrainingArguments
 
-__all__ = ["DPTrainingArguments"]
+__all__ = ["DPTrainingArguments", "fsdp2_settings"]
 
 _ACCOUNTANTS = ("prv", "rdp")
 _CLIPPING = ("auto", "ghost", "per_sample")
@@ -218,14 +220,7 @@ class DPTrainingArguments(TrainingArguments):
                 f"optim={self.optim!r}: LOMO fuses the update into the backward pass, before ghostdp could clip "
                 "the per-example gradients and add noise. Use another optimizer (adamw_torch, sgd, ...)."
             )
-        if self.fsdp:
-            raise ValueError(
-                f"fsdp={self.fsdp!r}: DPTrainer does not take the Trainer's FSDP arguments: the Trainer would hand the "
-                "model to accelerate's FSDP, whose gradient reduction ghostdp replaces (FSDP1, and accelerate's FSDP2 "
-                "route, which runs only on multi-GPU machines and is untested). Instead, under torchrun, wrap the "
-                "model's blocks and root with torch.distributed.fsdp.fully_shard yourself and pass the sharded "
-                "model to DPTrainer without fsdp arguments (docs/fsdp2.md); or use data parallel (no fsdp)."
-            )
+        fsdp2_settings(self.fsdp, self.fsdp_config)  # raises for any FSDP option DPTrainer cannot honour
         if self.deepspeed:
             raise ValueError(
                 "DeepSpeed is not supported: its engine reduces (ZeRO: partitions) gradients in its own hooks "
@@ -244,3 +239,102 @@ class DPTrainingArguments(TrainingArguments):
                 "Poisson sampler's RNG state (which reveals the batches). Push only the final model "
                 "(hub_strategy='end' or 'every_save')."
             )
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2 arguments
+_FSDP_WAYS_OUT = ("Use fsdp=True (or 'full_shard' / 'shard_grad_op') with fsdp_config={'version': 2} and at most "
+                  "'reshard_after_forward' and 'transformer_layer_cls_to_wrap'; or shard the model with "
+                  "torch.distributed.fsdp.fully_shard yourself and pass it without fsdp arguments (docs/fsdp2.md).")
+_FSDP_OFF_VALUES = {"xla": False, "xla_fsdp_v2": False, "xla_fsdp_grad_ckpt": False, "cpu_offload": False,
+                    "activation_checkpointing": False, "cpu_ram_efficient_loading": False}
+_FSDP_WHY = {
+    "cpu_offload": "CPU offload: the engine adds clipped sums and noise to the gradient shards on the compute device",
+    "activation_checkpointing": "FSDP's activation checkpointing wrapper: set gradient_checkpointing=True instead "
+                                "(Hugging Face's checkpointing, which ghostdp's layers are tested with)",
+    "cpu_ram_efficient_loading": "CPU-RAM-efficient loading: load the model normally; DPTrainer shards it",
+    "xla": "XLA FSDP", "xla_fsdp_v2": "XLA FSDP", "xla_fsdp_grad_ckpt": "XLA FSDP",
+}
+
+
+def _flag(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"fsdp_config[{name!r}]={value!r}: expected true or false.")
+
+
+def fsdp2_settings(fsdp, fsdp_config) -> dict | None:
+    """What DPTrainer does with the Trainer's ``fsdp`` / ``fsdp_config`` arguments, or None when FSDP is off.
+
+    DPTrainer honours FSDP2 itself rather than through accelerate (whose gradient reduction ghostdp replaces,
+    and which drops FSDP on CPU): it passes every module of the classes to wrap (``transformer_layer_cls_to_wrap``,
+    default the model's ``_no_split_modules``) and then the root to ``fully_shard`` with ``reshard_after_forward``
+    before the engine attaches. Returns ``{"reshard_after_forward": bool, "layer_classes": list[str] | None}``.
+    Raises ValueError, naming the option, for FSDP1, CPU offload, hybrid sharding, size-based wrapping, FSDP's
+    activation checkpointing, XLA, other state-dict types, unknown keys, and transformers 4.x. Accepts the
+    arguments before and after ``TrainingArguments.__post_init__`` normalises them (``fsdp_`` key prefixes,
+    a JSON path, legacy option strings).
+    """
+    if not fsdp:
+        return None
+    if _TRANSFORMERS_4:
+        raise ValueError(
+            f"fsdp={fsdp!r}: DPTrainer honours the Trainer's FSDP2 arguments on transformers 5.x only (this is "
+            f"{transformers.__version__}, whose Trainer wraps the model in DDP). Upgrade transformers, or train the "
+            "sharded model with ghostdp's PrivacyEngine directly (docs/fsdp2.md)."
+        )
+    if isinstance(fsdp_config, str):
+        import json
+
+        with open(fsdp_config, encoding="utf-8") as f:
+            fsdp_config = json.load(f)
+    config = {k[5:] if k.startswith("fsdp_") else k: v for k, v in dict(fsdp_config or {}).items()}
+    version = int(config.pop("version", 2))
+    if version != 2:
+        raise ValueError(
+            f"fsdp_config version {version}: DPTrainer supports FSDP2 only. FSDP1 (FullyShardedDataParallel) "
+            "flattens the parameters of each wrapped unit and reduces their gradients in its own hooks, which "
+            "would carry unclipped per-batch gradients. " + _FSDP_WAYS_OUT
+        )
+    reshard = config.pop("reshard_after_forward", None)
+    items = fsdp.split() if isinstance(fsdp, str) else ([] if fsdp is True else [_value(x) for x in fsdp])
+    for item in items:
+        if item == "full_shard":
+            reshard = True if reshard is None else reshard
+        elif item == "shard_grad_op":
+            reshard = False if reshard is None else reshard
+        elif item == "offload":
+            config["cpu_offload"] = True
+        elif item != "auto_wrap":
+            raise ValueError(f"fsdp={fsdp!r}: option {item!r} is not supported by DPTrainer (FSDP1-only or unknown; "
+                             "HSDP needs a 2-D mesh, which ghostdp does not support). " + _FSDP_WAYS_OUT)
+    layers = config.pop("transformer_layer_cls_to_wrap", None)
+    if isinstance(layers, str):
+        layers = [layers]
+    if layers is not None and (not layers or not all(isinstance(c, str) and c for c in layers)):
+        raise ValueError(f"fsdp_config['transformer_layer_cls_to_wrap']={layers!r}: give class names, e.g. "
+                         "['LlamaDecoderLayer'].")
+    policy = config.pop("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")
+    if policy != "TRANSFORMER_BASED_WRAP":
+        raise ValueError(f"fsdp_config['auto_wrap_policy']={policy!r}: DPTrainer wraps transformer blocks only "
+                         "(TRANSFORMER_BASED_WRAP); every trainable parameter must still be in a fully_shard unit "
+                         "(the root takes the rest). " + _FSDP_WAYS_OUT)
+    if config.pop("min_num_params", 0) not in (0, None):
+        raise ValueError("fsdp_config['min_num_params'] belongs to size-based wrapping, which DPTrainer does not "
+                         "do. " + _FSDP_WAYS_OUT)
+    state_dict_type = str(config.pop("state_dict_type", "FULL_STATE_DICT")).upper()
+    if state_dict_type != "FULL_STATE_DICT":
+        raise ValueError(
+            f"fsdp_config['state_dict_type']={state_dict_type!r}: DPTrainer writes its own checkpoints under FSDP2 "
+            "(each rank's model and optimizer shards, resumed exactly) and save_model gathers a full state dict; "
+            "leave state_dict_type unset (FULL_STATE_DICT)."
+        )
+    for key, off in _FSDP_OFF_VALUES.items():
+        if key in config and _flag(config.pop(key), key) != off:
+            raise ValueError(f"fsdp_config[{key!r}]: {_FSDP_WHY[key]} is not supported by DPTrainer. " + _FSDP_WAYS_OUT)
+    if config:
+        raise ValueError(f"fsdp_config keys {sorted(config)}: not FSDP2 options DPTrainer honours (FSDP1-only, or "
+                         "unknown). " + _FSDP_WAYS_OUT)
+    return {"reshard_after_forward": True if reshard is None else _flag(reshard, "reshard_after_forward"),
+            "layer_classes": layers}

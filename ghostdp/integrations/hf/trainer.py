@@ -46,8 +46,10 @@ What changes relative to ``Trainer``, and why (all in this file):
   ``DistributedDataParallel``: its gradient hooks would never fire (autograd does not form the
   parameter gradients under ghostdp). Parameters are broadcast from rank 0 once, as DDP would.
 
-* **FSDP2.** A model whose blocks and root the user wrapped with ``fully_shard`` (under torchrun, no
-  Trainer/accelerate FSDP arguments) trains sharded: no broadcast (the shards are consistent already), each
+* **FSDP2.** A model whose blocks and root the user wrapped with ``fully_shard`` under torchrun, or an
+  unsharded model with ``DPTrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})`` (DPTrainer then
+  calls ``fully_shard`` on each block and the root itself, before the engine attaches, so the same arguments
+  work on CPU/gloo, where accelerate would drop FSDP, and on GPU), trains sharded: no broadcast (the shards are consistent already), each
   rank takes its share of the Poisson batch as above and runs as many physical batches as the busiest rank
   (a short rank runs zero-weighted padding batches: FSDP's forward and backward are collectives), the engine
   reduce-scatters the clipped sums to the shards and noises each shard once (docs/fsdp2.md). Checkpoints
@@ -56,7 +58,7 @@ What changes relative to ``Trainer``, and why (all in this file):
   (its hidden zero-lr ``optimizer.step()`` on a stateless optimizer would count as a DP step). The model
   saved by ``save_model`` is gathered in full on rank 0 (a plain transformers / PEFT checkpoint).
 
-FSDP1, accelerate's FSDP arguments and DeepSpeed: see docs/design.md ("More than one process") and
+FSDP1, FSDP options DPTrainer cannot honour, accelerate's FSDP config and DeepSpeed: see docs/design.md ("More than one process") and
 docs/fsdp2.md for what is supported and why.
 """
 from __future__ import annotations
@@ -85,7 +87,7 @@ from ghostdp.engine.fsdp import is_fsdp2
 from ghostdp.engine.loss import TASK_LOSSES, per_example_sequence_loss
 from ghostdp.engine.privacy_engine import PrivacyEngine
 from ghostdp.engine.sampling import PoissonBatchSampler
-from ghostdp.integrations.hf.args import DPTrainingArguments
+from ghostdp.integrations.hf.args import DPTrainingArguments, fsdp2_settings
 
 __all__ = ["DPTrainer", "LogicalBatch", "PrivacyBudgetExhaustedError", "PrivacyPlan"]
 
@@ -343,6 +345,48 @@ def _resolve_task_loss(model: nn.Module, per_example_loss, overridden: bool) -> 
     )
 
 
+def _shard_for_fsdp_arguments(model: nn.Module | None, args: DPTrainingArguments, settings: dict) -> nn.Module:
+    """``fully_shard`` every block (``settings["layer_classes"]``, default the model's ``_no_split_modules``),
+    then the root, as the Trainer's FSDP2 arguments ask (:func:`~ghostdp.integrations.hf.args.fsdp2_settings`).
+
+    Done by DPTrainer rather than accelerate, so the same arguments shard on CPU (gloo) and GPU alike, and before
+    the engine attaches; the result is the model a user would have sharded by hand (docs/fsdp2.md).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if model is None:
+        raise ValueError("fsdp arguments: pass model=... (DPTrainer shards it before training).")
+    if is_fsdp2(model):
+        raise ValueError(
+            "The model is already sharded with fully_shard and the arguments set fsdp as well; it would be wrapped "
+            "twice. Pass either the unsharded model with fsdp arguments (DPTrainer shards it) or the sharded model "
+            "without them."
+        )
+    args.world_size  # noqa: B018 - sets the process group up under torchrun (accelerate's PartialState)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        raise ValueError(
+            "fsdp arguments but a single process: FSDP shards the model across processes. Launch with torchrun "
+            "(one process per device; on CPU the gloo backend), or drop fsdp to train on one process."
+        )
+    classes = settings["layer_classes"] or list(getattr(model, "_no_split_modules", None) or [])
+    if not classes:
+        raise ValueError(
+            f"fsdp arguments: {type(model).__name__} names no transformer block class (_no_split_modules); set "
+            "fsdp_config['transformer_layer_cls_to_wrap'] to the class name of its blocks."
+        )
+    named = [(name, m) for name, m in model.named_modules() if type(m).__name__ in classes and m is not model]
+    if not named:
+        raise ValueError(f"fsdp arguments: no module of class {classes} in {type(model).__name__}; set "
+                         "fsdp_config['transformer_layer_cls_to_wrap'] to the class name of its blocks.")
+    reshard = settings["reshard_after_forward"]
+    for _, module in sorted(named, key=lambda item: -item[0].count(".")):  # inner units first; stable otherwise
+        fully_shard(module, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    logger.info("DPTrainer: fully_shard on %d %s modules and the root (reshard_after_forward=%s), from the fsdp "
+                "arguments", len(named), "/".join(sorted({type(m).__name__ for _, m in named})), reshard)
+    return model
+
+
 class DPTrainer(Trainer):
     """``transformers.Trainer`` that trains with DP-SGD; see the module docstring for what changes and why.
 
@@ -405,6 +449,10 @@ class DPTrainer(Trainer):
         self._dp_data: tuple[Any, Callable] | None = None
         self._sampling_seed: int | None = None
 
+        fsdp2 = fsdp2_settings(args.fsdp, args.fsdp_config)
+        if fsdp2 is not None:
+            model = _shard_for_fsdp_arguments(model, args, fsdp2)
+            args.fsdp_plugin_args = None  # sharded here: accelerate must not wrap the model a second time
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
@@ -413,10 +461,11 @@ class DPTrainer(Trainer):
         )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
-                "DeepSpeed / FSDP is enabled (by the arguments or the accelerate config). DPTrainer does not take "
-                "them: their gradient reduction is what ghostdp replaces (and accelerate's FSDP2 route is untested). "
-                "To shard, wrap the model's blocks and root with torch.distributed.fsdp.fully_shard yourself under "
-                "torchrun and pass it to DPTrainer without fsdp arguments (docs/fsdp2.md); or use data parallel."
+                "DeepSpeed / FSDP is enabled by the accelerate config. DPTrainer does not take it: accelerate's "
+                "gradient reduction is what ghostdp replaces. To shard, launch with torchrun and pass "
+                "DPTrainingArguments(fsdp=True, fsdp_config={'version': 2}) (DPTrainer shards the model itself), or "
+                "wrap the model's blocks and root with torch.distributed.fsdp.fully_shard yourself (docs/fsdp2.md); "
+                "or use data parallel."
             )
         self._fsdp2 = is_fsdp2(self.model)
         if self.args.n_gpu > 1:
