@@ -66,6 +66,40 @@ def test_smollm2_masking_with_pad_equal_to_eos(smollm_tokenizer):
     assert (batch["labels"][short] == tok.eos_token_id).sum() == 1
 
 
+def test_chat_template_prefix_is_the_user_turn_and_the_text_the_assistants_reply(smollm_tokenizer):
+    tok = smollm_tokenizer
+    template = PromptTemplate("Write one sentence from a {label} movie review.", chat=True)
+    collator = PrefixLMCollator(tok, CollatorConfig(template=template, max_length=64))
+    prefix = template.prefix_text("positive", tok)
+    # SmolLM2's format: an (empty) system turn, the instruction as the user turn, then the assistant header.
+    assert prefix == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWrite one sentence from a positive movie "
+                      "review.<|im_end|>\n<|im_start|>assistant\n")
+    prefix_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+    assert list(collator.prefix_ids("positive")) == prefix_ids
+    assert tok.convert_ids_to_tokens(prefix_ids[:1]) == ["<|im_start|>"]  # special tokens parsed, not spelled out
+    batch = collator(EXAMPLES)
+    for i, ex in enumerate(EXAMPLES):
+        p_ids = tok(template.prefix_text(ex["label"], tok), add_special_tokens=False)["input_ids"]
+        # The reply ends with the end-of-turn token, which is SmolLM2-Instruct's EOS: scored, so it learns to stop.
+        check_row(batch, i, p_ids, tok(ex["text"], add_special_tokens=False)["input_ids"], tok.eos_token_id,
+                  tok.pad_token_id)
+    assert tok.eos_token == "<|im_end|>"
+    # system=None: the chat template's own default system message; labels still get distinct prefixes.
+    default = PromptTemplate("Write a {label} review.", chat=True, system=None)
+    assert "SmolLM" in default.prefix_text("negative", tok)
+    assert default.prefix_text("negative", tok) != default.prefix_text("positive", tok)
+
+
+def test_chat_template_refusals(make_word_tokenizer, smollm_tokenizer):
+    words = make_word_tokenizer(["good", "bad"], pad=True)
+    template = PromptTemplate("Write a {label} review.", chat=True)
+    with pytest.raises(ValueError, match="no chat template"):
+        PrefixLMCollator(words, CollatorConfig(template=template)).prefix_ids("good")
+    with pytest.raises(ValueError, match="add_bos=True with a chat template"):
+        CollatorConfig(template=template, add_bos=True)
+    assert template.prefix("good") == "Write a good review."  # the instruction itself is still the plain fill
+
+
 def test_prefix_and_text_tokenized_apart(smollm_tokenizer):
     """Joint tokenization would merge the prefix's trailing space into the text's first token."""
     tok = smollm_tokenizer

@@ -155,7 +155,8 @@ _MODEL_KEYS = {
     "quantization": "public setting (how the base model is loaded)",
     "base_model": "public input", "method": "public setting", "trainable_parameters": "function of the public model "
     "and settings", "template": "public setting", "dataset_name": "public setting", "max_length": "public setting",
-    "add_bos": "public setting", "label_names": "public: data.label_names is required for file data",
+    "add_bos": "public setting", "chat_template": "public setting", "system_prompt": "public setting",
+    "label_names": "public: data.label_names is required for file data",
     "data.source": "the path the user named (public input; not the data)",
     "data.fingerprint": "keyed HMAC of the data; the key stays in private/", "data.fingerprint_kind": "text",
     "privacy.epsilon_total": "the guarantee", "privacy.delta": "the guarantee (1/(2N) by default: the "

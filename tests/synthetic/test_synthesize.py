@@ -302,3 +302,20 @@ def test_sampled_tokens_are_the_trained_forwards_argmax_step_by_step(method, tok
                                   pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, seed=0,
                                   device=torch.device("cpu"))
         assert base_got[0][0] != want
+
+
+def test_a_chat_template_generator_is_rebuilt_from_its_metadata_with_the_prefix_it_was_trained_on(smollm_tokenizer):
+    from ghostdp.integrations.synthetic.synthesize import make_collator
+
+    info = {"template": "Write one sentence from a {label} movie review.", "dataset_name": "sst2",
+            "chat_template": True, "system_prompt": "", "max_length": 48}
+    trained = make_collator(smollm_tokenizer, info)  # as pipeline.train builds it
+    reloaded = make_collator(smollm_tokenizer, json.loads(json.dumps(info)))  # from model/ghostdp_generator.json
+    plain = make_collator(smollm_tokenizer, {**info, "chat_template": False})
+    for label in ("negative", "positive"):
+        assert reloaded.prefix_ids(label) == trained.prefix_ids(label)
+        assert trained.prefix_ids(label) != plain.prefix_ids(label)
+        assert smollm_tokenizer.decode(trained.prefix_ids(label)).endswith("<|im_start|>assistant\n")
+    # Metadata written before the option existed rebuilds the plain prefix.
+    old = {k: v for k, v in info.items() if k not in ("chat_template", "system_prompt")}
+    assert make_collator(smollm_tokenizer, old).prefix_ids("positive") == plain.prefix_ids("positive")

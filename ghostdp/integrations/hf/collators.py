@@ -45,7 +45,8 @@ class CollatorConfig:
         pad_to: ``"longest"`` pads to the longest row of the batch; ``"max_length"`` always pads to
             ``max_length`` (fixed shapes, e.g. for compiled kernels).
         add_bos: put the tokenizer's BOS token before the prefix (unscored). SmolLM2 and GPT-2 use no BOS
-            by default; Llama-style models expect one.
+            by default; Llama-style models expect one. Not with a chat template (``template.chat``), which
+            writes its own.
     """
 
     template: PromptTemplate = field(default_factory=PromptTemplate)
@@ -60,6 +61,9 @@ class CollatorConfig:
             )
         if self.pad_to not in ("longest", "max_length"):
             raise ValueError(f"CollatorConfig.pad_to={self.pad_to!r}: pick 'longest' or 'max_length'.")
+        if self.add_bos and self.template.chat:
+            raise ValueError("CollatorConfig: add_bos=True with a chat template; the chat template writes its own "
+                             "BOS where the model expects one. Set add_bos=False.")
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class PrefixLMCollator:
     def prefix_ids(self, label: str) -> tuple[int, ...]:
         """The ids every row of ``label`` starts with (BOS included when ``add_bos``); use them to generate."""
         if label not in self._prefix_cache:
-            ids = tuple(self._ids([self.config.template.prefix(label)])[0])
+            ids = tuple(self._ids([self.config.template.prefix_text(label, self.tokenizer)])[0])
             if self.bos_token_id is not None:
                 ids = (self.bos_token_id, *ids)
             self._prefix_cache[label] = ids

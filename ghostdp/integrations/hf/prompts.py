@@ -7,6 +7,14 @@ with Differential Privacy: A Simple and Practical Recipe").
 
 Only the dataset name and the label name go into the prefix: both are public (the label set is part of
 the task definition), so conditioning on them costs no privacy.
+
+With ``chat=True`` the filled template is an instruction, put in the tokenizer's chat template as the user
+turn (after an optional system message), and the text is the assistant's reply, ended by the model's
+end-of-turn token (its EOS). An instruction-tuned base model then follows the label from the start: with
+SmolLM2-135M-Instruct on 300 SST-2 dev rows, the un-finetuned model's likelihood-ratio classification
+(``label_scoring.LabelScorer``) was 0.757 accurate with the instruction "Write one sentence from a {label}
+movie review." and an empty system message, against 0.627 for the plain prefix "A {label} movie review:\n"
+(bench/results/utility_cpu.md).
 """
 
 from __future__ import annotations
@@ -25,10 +33,16 @@ class PromptTemplate:
         template: e.g. ``"[{dataset}][{label}]: "``. Must contain ``{label}``: without it every class
             gets the same prefix and the generator cannot be asked for a class.
         dataset: the value of ``{dataset}``.
+        chat: put the filled template in the tokenizer's chat template as the user turn, the text being the
+            assistant's reply (:meth:`prefix_text`).
+        system: with ``chat``, the system message; ``""`` an empty one (short, and no persona), ``None`` none
+            at all (the chat template's own default, e.g. SmolLM2's "You are a helpful AI assistant...").
     """
 
     template: str = "[{dataset}][{label}]: "
     dataset: str = "sst2"
+    chat: bool = False
+    system: str | None = ""
 
     def __post_init__(self) -> None:
         try:
@@ -50,6 +64,26 @@ class PromptTemplate:
     def prefix(self, label: str) -> str:
         """The prefix string for ``label``, e.g. ``"[sst2][positive]: "``."""
         return self.template.format(dataset=self.dataset, label=label)
+
+    def prefix_text(self, label: str, tokenizer=None) -> str:
+        """The exact string training and generation start from for ``label``.
+
+        Without ``chat``: :meth:`prefix`. With ``chat``: the tokenizer's chat template applied to the
+        (system and) user message :meth:`prefix`, with the assistant's generation prompt, so the text
+        follows as the assistant's reply. Raises ValueError when ``chat`` is set and the tokenizer has no
+        chat template.
+        """
+        if not self.chat:
+            return self.prefix(label)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"PromptTemplate(chat=True): {type(tokenizer).__name__} has no chat template, so there is no "
+                "user/assistant format to put the instruction in. Use an instruction-tuned model's tokenizer, or "
+                "chat=False (train.chat_template=false) for a plain prefix."
+            )
+        messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+        messages.append({"role": "user", "content": self.prefix(label)})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def prefixes(self, labels: tuple[str, ...] | list[str]) -> dict[str, str]:
         """``{label: prefix}`` for each label; raises if two labels would share a prefix."""

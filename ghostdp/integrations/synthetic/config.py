@@ -200,6 +200,13 @@ class TrainConfig:
     template: str = field(default="[{dataset}][{label}]: ", metadata=_help(
         "Label prefix (str.format with {label} and optional {dataset}); generation starts from its exact ids."))
     dataset_name: str = field(default="sst2", metadata=_help("The {dataset} field of the template."))
+    chat_template: bool = field(default=False, metadata=_help(
+        "Put the filled template in the tokenizer's chat template as the user turn and train the text as the "
+        "assistant's reply (ended by the end-of-turn token): an instruction-tuned model then follows the label "
+        "from the start. Write the template as an instruction, e.g. 'Write one sentence from a {label} movie "
+        "review.'"))
+    system_prompt: str | None = field(default="", metadata=_help(
+        "With chat_template: the system message ('' an empty one; none: the chat template's own default)."))
     label_epsilon: float | None = field(default=0.1, metadata=_help(
         "epsilon of the DP release of the label counts (discrete Laplace, added to the reported epsilon); "
         "none: no release (synthesis must then use uniform label proportions)."))

@@ -448,7 +448,8 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     metrics = {
         "privacy": privacy,
         "label_release": gen.info.get("label_release"),
-        "model": {k: gen.info[k] for k in ("base_model", "method", "trainable_parameters", "template")},
+        "model": {**{k: gen.info[k] for k in ("base_model", "method", "trainable_parameters", "template")},
+                  "chat_template": bool(gen.info.get("chat_template", False))},
         "data": {"private": private.source, "n_private": len(private), "heldout": heldout.source,
                  "n_heldout": len(heldout)},
         "synthesis": {k: syn_meta.get(k) for k in ("complete", "targets", "counts", "shortfall", "stats", "sampling",

@@ -329,6 +329,7 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
     info_model = {"base_model": cfg.model, "method": cfg.method, "quantization": cfg.quantization,
                   "trainable_parameters": trainable}
     collator = make_collator(tokenizer, {"template": cfg.template, "dataset_name": cfg.dataset_name,
+                                         "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt,
                                          "max_length": cfg.max_length})
     nonprivate = math.isinf(cfg.target_epsilon)  # epsilon = inf: a NOT private baseline, no noise, no clipping
     if nonprivate:
@@ -401,6 +402,8 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
         **info_model,
         "template": cfg.template,
         "dataset_name": cfg.dataset_name,
+        "chat_template": cfg.chat_template,
+        "system_prompt": cfg.system_prompt,
         "max_length": cfg.max_length,
         "add_bos": False,
         "label_names": list(data.label_names),

@@ -214,7 +214,8 @@ def make_collator(tokenizer: Any, info: Mapping[str, Any]):
     from ghostdp.integrations.hf.collators import CollatorConfig, PrefixLMCollator
     from ghostdp.integrations.hf.prompts import PromptTemplate
 
-    template = PromptTemplate(template=info["template"], dataset=info["dataset_name"])
+    template = PromptTemplate(template=info["template"], dataset=info["dataset_name"],
+                              chat=bool(info.get("chat_template", False)), system=info.get("system_prompt", ""))
     return PrefixLMCollator(tokenizer, CollatorConfig(template=template, max_length=int(info["max_length"]),
                                                       add_bos=bool(info.get("add_bos", False))))
 
