@@ -271,8 +271,8 @@ class FSDP2Sharding:
                 p.grad = torch.zeros_like(p)
             local = p.grad.to_local()
             seed = kernels.noise_seed(base_seed, "fsdp2", p.device_mesh.get_local_rank(), index)
-            # impl of the parameter (resolved once at attach), not of the fresh local tensor: a lookup keyed by
-            # a new tensor every step would be cached by the engine and keep every step's gradient alive.
+            # impl of the parameter (resolved once at attach), not of the fresh local tensor: the engine caches
+            # parameters only and resolves any other tensor again on every call.
             kernels.add_noise_(local, noise_std=std, seed=seed, scale=1.0 / expected_batch_size, impl=impl(p))
 
 

@@ -39,7 +39,9 @@ import os
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
+from collections.abc import Mapping
 from numbers import Real
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -282,10 +284,11 @@ class PrivacyEngine:
             self._all_names.setdefault(p, n)
         self._written: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
         # impl of each parameter's step noise, resolved once here (kernels.resolve_impl raises now if "triton"
-        # cannot run on it). Norms and clipped sums resolve per use: they depend on the activations' dtype.
-        self._noise_impls: dict[nn.Parameter, str] = {
+        # cannot run on it); keyed by the model's own parameters and never added to later (see _noise_impl).
+        # Norms and clipped sums resolve per use: they depend on the activations' dtype.
+        self._noise_impls: Mapping[nn.Parameter, str] = MappingProxyType({
             p: kernels.resolve_impl(self.impl, p, op="PrivacyEngine noise", kernel_dtypes=TWIN_DTYPES) for p in trainable
-        }
+        })
         for module, rule in to_patch.values():
             if "forward" in module.__dict__:
                 raise RuntimeError(
@@ -614,11 +617,15 @@ class PrivacyEngine:
 
     def _noise_impl(self, p: torch.Tensor) -> str:
         """The ``impl`` ``add_noise_`` gets for ``p``: resolved once at attach (``self._noise_impls``), passed
-        down as :meth:`_kernel_impl` says (so "auto" keeps its fallback)."""
+        down as :meth:`_kernel_impl` says (so "auto" keeps its fallback).
+
+        The cache holds the model's trainable parameters only, filled at attach and never after: any other
+        tensor (a gradient, a shard's local view) is resolved on each call and not stored. A cache keyed by
+        such tensors would keep one of them alive per call, i.e. every step's gradient (under FSDP2, one
+        sharded model per step)."""
         resolved = self._noise_impls.get(p)
-        if resolved is None:  # a parameter the engine does not clip is never noised; resolve for completeness
-            resolved = self._noise_impls[p] = kernels.resolve_impl(
-                self.impl, p, op="PrivacyEngine noise", kernel_dtypes=TWIN_DTYPES)
+        if resolved is None:
+            resolved = kernels.resolve_impl(self.impl, p, op="PrivacyEngine noise", kernel_dtypes=TWIN_DTYPES)
         return self._kernel_impl(resolved)
 
     def _world_size(self) -> int:

@@ -13,6 +13,8 @@ One launch checks several cases in one process group and writes, per rank, a tor
   three runs: seed 7, seed 7 again, seed 8.
 - ``resume``: noisy training with momentum, interrupted by a DCP checkpoint and restored into a fresh,
   differently seeded model/optimizer/engine, against the same run uninterrupted.
+- ``no_leak``: three noisy steps; the engine's noise-impl cache size per step, and how many of the steps'
+  gradients (DTensors and their local shards) are still alive after zero_grad.
 - ``refusals``: the messages raised for FSDP1, CPU offload, distributed=False, a DPTrainer given fsdp= with an
   already sharded model, and a parameter used outside its clipped layer.
 Run: python -m torch.distributed.run --nproc_per_node 2 tests/engine/fsdp2_worker.py OUT_PREFIX
@@ -189,6 +191,34 @@ def check_resume(rank, world, results, folder: str):
                          "steps": engine.steps, "epsilon": (engine.epsilon(1e-5), want_eps)}
 
 
+def check_no_leak(rank, world, results):
+    """Noisy steps on a sharded model: the engine's noise-impl cache stays one entry per trainable parameter,
+    and no step's gradient (the DTensor or its local shard) outlives its zero_grad (the leak the FSDP2 bench
+    found: the cache once kept every step's local gradient shard as a key)."""
+    import gc
+    import weakref
+
+    model = shard_model(tiny_llama(True))
+    opt = torch.optim.SGD(trainable(model), lr=0.1)
+    engine = PrivacyEngine(model, opt, max_grad_norm=C, expected_batch_size=E, noise_multiplier=SIGMA,
+                           loss_reduction="sum", generator=torch.Generator().manual_seed(5))
+    sizes, grads = [], []
+    for step in range(3):
+        for batch in physical_batches(step):
+            share, weight = local_share(batch, rank, world)
+            (lm_losses(model, share).sum() * weight).backward()
+        opt.step()
+        for p in trainable(model):
+            grads += [weakref.ref(p.grad), weakref.ref(p.grad._local_tensor)]
+        opt.zero_grad(set_to_none=True)
+        sizes.append(len(engine._noise_impls))
+    engine.detach()
+    gc.collect()
+    results["no_leak"] = {"cache_sizes": sizes, "trainable": len(trainable(model)),
+                          "cache_is_params": set(engine._noise_impls) == set(trainable(model)),
+                          "grads_alive": sum(r() is not None for r in grads), "grads": len(grads)}
+
+
 def expect_error(fn) -> str:
     try:
         fn()
@@ -255,6 +285,7 @@ def main():
             check_equal(case, rank, world, results)
         check_noise(rank, world, results)
         check_resume(rank, world, results, f"{prefix}.checkpoint")
+        check_no_leak(rank, world, results)
         check_refusals(rank, world, results, f"{prefix}.refusals")
     finally:
         torch.save(results, f"{prefix}.{rank}")

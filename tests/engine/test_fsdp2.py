@@ -9,6 +9,8 @@
   across ranks and across parameters, reproducible from the seed.
 - Resume: a DCP checkpoint of the sharded model and optimizer plus the engine's state continues a noisy
   run exactly.
+- No leak: after noisy steps the engine's caches hold the trainable parameters only, and no step's
+  gradient shard stays alive.
 - Refusals: FSDP1, CPU offload, distributed=False, DPTrainer given fsdp=, a parameter used outside
   its clipped layer.
 """
@@ -104,6 +106,13 @@ def test_resume_from_a_sharded_checkpoint_is_exact(results):
         r = res["resume"]
         assert r["max_abs_diff"] <= 1e-12, (rank, r)
         assert r["steps"] == 2 and r["epsilon"][0] == r["epsilon"][1], (rank, r)
+
+
+def test_no_gradient_kept_alive_across_steps(results):
+    for rank, res in enumerate(results):
+        r = res["no_leak"]
+        assert r["cache_sizes"] == [r["trainable"]] * 3 and r["cache_is_params"], (rank, r)
+        assert r["grads"] > 0 and r["grads_alive"] == 0, (rank, r)
 
 
 def test_refusals(results):

@@ -61,3 +61,34 @@ def test_state_is_versioned_and_version_1_states_load():
     assert torch.equal(fresh.generator.get_state(), engine.generator.get_state())
     with pytest.raises(ValueError, match="version 3 is newer"):
         fresh.load_state_dict({**state, "version": 3})
+
+
+def test_noise_impl_cache_holds_only_the_parameters_and_keeps_no_gradient_alive():
+    """Regression (FSDP2 leak, bench/results/fsdp2_cpu.md): the per-parameter noise ``impl`` cache is filled at
+    attach with the model's trainable parameters and never grows. A tensor that is not one of them (a fresh
+    gradient, a shard's local view) is resolved without being stored: a cache keyed by it kept every step's
+    gradient alive."""
+    import gc
+    import weakref
+
+    model = small()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = PrivacyEngine(model, opt, max_grad_norm=0.3, expected_batch_size=4, noise_multiplier=1.0,
+                           generator=torch.Generator().manual_seed(3), impl="torch")
+    n_trainable = sum(p.requires_grad for p in model.parameters())
+    grads = []
+    for step in range(4):
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        model(x).pow(2).sum(1).mean().backward()
+        opt.step()
+        grads += [weakref.ref(p.grad) for p in model.parameters()]
+        # What the FSDP2 path once passed: a tensor that is not a parameter, new every step.
+        assert engine._noise_impl(model[0].weight.grad.detach()) == "torch"
+        assert engine._noise_impl(torch.zeros(3, dtype=torch.float64)) == "torch"
+        opt.zero_grad(set_to_none=True)
+        assert len(engine._noise_impls) == n_trainable
+    assert set(engine._noise_impls) == set(model.parameters())
+    gc.collect()
+    assert [r for r in grads if r() is not None] == []  # no step's gradient outlives its zero_grad
+    with pytest.raises(TypeError):  # read-only after attach
+        engine._noise_impls[torch.zeros(1)] = "torch"
