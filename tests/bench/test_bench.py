@@ -160,6 +160,19 @@ def test_run_prints_the_table_and_writes_files(tmp_path, capsys):
     assert out.with_suffix(".json").exists() and out.with_suffix(".md").exists()
 
 
+def test_run_without_fsdp2_keeps_its_defaults(monkeypatch):
+    """The FSDP2 options (tests/bench/test_fsdp2_bench.py) leave the single-process comparison's defaults as they
+    were: one case at T = 128, batch 8."""
+    from ghostdp.integrations.bench import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "compare", lambda cases, engines, **kw: seen.append(cases) or {"rows": []})
+    monkeypatch.setattr(cli, "markdown", lambda result: "")
+    assert bench.run(_parse(["--model", "tiny-llama", "--engines", "non-private", "--device", "cpu"])) == 0
+    ((case,),) = seen
+    assert (case.seq_len, case.batch_size, case.model) == (128, 8, "tiny-llama")
+
+
 def test_run_rejects_bad_options(capsys):
     assert bench.run(_parse(["--model", "tiny-llama", "--engines", "nope", "--device", "cpu"])) == 2
     assert "unknown engine" in capsys.readouterr().err

@@ -12,7 +12,9 @@ The harness, one module per concern:
 - :mod:`~ghostdp.integrations.bench.session`: :class:`Session` and :func:`compare`, memory in fresh processes
   then time in-process with the engines interleaved.
 - :mod:`~ghostdp.integrations.bench.results`: rows, same-run ratios, the goals, JSON and Markdown.
-- :mod:`~ghostdp.integrations.bench.cli`: ``ghostdp bench`` (``add_arguments``, ``run``).
+- :mod:`~ghostdp.integrations.bench.fsdp2`: ghostdp against non-private FSDP2 (``fully_shard``), per-rank
+  peak memory and step time over forked gloo process groups; ``ghostdp bench --fsdp2``.
+- :mod:`~ghostdp.integrations.bench.cli`: ``ghostdp bench`` (``add_arguments``, ``run``; ``--fsdp2``).
 
 The names below are re-exported so that ``from ghostdp.integrations import bench; bench.run(...)`` keeps
 working for the CLI, the pytest-benchmark suites in ``bench/`` and the tests.

@@ -2,6 +2,7 @@
 
     python -m ghostdp.integrations.bench.fsdp2 --out bench/results/fsdp2_cpu
     python -m ghostdp.integrations.bench.fsdp2 --rounds 1 --steps 1 --hidden-size 64 ...   # a quick look
+    ghostdp bench --fsdp2 --seq-len 256 --hidden-size 512 ...   # the same through ``ghostdp bench``
 
 The harness launches the process groups itself: for every (round, engine) one fresh group of
 ``world_size`` CPU processes over gloo (forked from this process, which imports the libraries once and
@@ -411,17 +412,78 @@ def write(result: dict, stem: str | Path) -> None:
     log.info("wrote %s.{json,md}", stem)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+#: What each :class:`FSDP2Case` field sets, for the options' help.
+CASE_HELP = {
+    "hidden_size": "model width d", "intermediate_size": "MLP width", "num_hidden_layers": "decoder blocks",
+    "num_attention_heads": "attention heads (as many key/value heads)", "vocab_size": "vocabulary size V",
+    "tie_word_embeddings": "the LM head shares the input embedding", "seq_len": "tokens per sequence T",
+    "batch_per_rank": "sequences per rank per step", "world_size": "ranks (CPU processes over gloo)",
+    "gradient_checkpointing": "non-reentrant activation checkpointing",
+}
+
+
+def add_case_arguments(parser, exclude: Sequence[str] = ()) -> None:
+    """One option per :class:`FSDP2Case` field (``--hidden-size``, ``--tie-word-embeddings true``, ...) but
+    those in ``exclude``; each defaults to None, which :func:`case_from` reads as the field's default."""
     defaults = FSDP2Case()
-    p = argparse.ArgumentParser(prog="python -m ghostdp.integrations.bench.fsdp2", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(FSDP2Case):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name in exclude:
+            continue
+        default = getattr(defaults, f.name)
         if f.type == "bool":
-            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=getattr(defaults, f.name),
-                           help=f"true/false (default {getattr(defaults, f.name)})")
+            parser.add_argument("--" + f.name.replace("_", "-"), type=_bool, default=None, metavar="true|false",
+                                help=f"{CASE_HELP[f.name]} (default {str(default).lower()})")
         else:
-            p.add_argument(flag, type=int, default=getattr(defaults, f.name),
-                           help=f"(default {getattr(defaults, f.name)})")
+            parser.add_argument("--" + f.name.replace("_", "-"), type=int, default=None, metavar="N",
+                                help=f"{CASE_HELP[f.name]} (default {default})")
+
+
+def case_from(ns: argparse.Namespace, **overrides) -> FSDP2Case:
+    """The :class:`FSDP2Case` of the options :func:`add_case_arguments` added: the given ones (not None) and
+    ``overrides`` (not None) over the defaults. Raises ValueError as :class:`FSDP2Case` does."""
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(FSDP2Case) if getattr(ns, f.name, None) is not None}
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    return FSDP2Case(**given)
+
+
+def check_options(engines: Sequence[str], *, rounds: int, steps: int, warmup: int, threads: int | None) -> None:
+    """Raise ValueError on bad counts or an engine this harness does not compare (non-private and ghostdp's
+    only), before any process starts."""
+    if rounds < 1 or steps < 1 or warmup < 0:
+        raise ValueError("--rounds and --steps must be >= 1 and --warmup >= 0")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if not engines:
+        raise ValueError("--engines: name at least one engine")
+    for e in engines:
+        if parse_engine(e).family not in ("non-private", "ghostdp"):
+            raise ValueError(f"the FSDP2 bench compares non-private and ghostdp engines, not {e!r}")
+
+
+def run(case: FSDP2Case, engines: Sequence[str] = DEFAULT_ENGINES, *, rounds: int = 3, steps: int = 1,
+        warmup: int = 1, threads: int | None = 1, out: str | Path | None = None, command: str = "") -> int:
+    """Run :func:`compare`, write ``<out>.json``/``<out>.md`` when ``out`` is given and print the Markdown.
+
+    0 when every row is "ok", 1 otherwise; ValueError from :func:`check_options` before anything runs."""
+    check_options(engines, rounds=rounds, steps=steps, warmup=warmup, threads=threads)
+    result = compare(case, engines, rounds=rounds, steps=steps, warmup=warmup, threads=threads, command=command)
+    if out:
+        write(result, out)
+    sys.stdout.write(markdown(result))
+    return 1 if any(r["status"] != "ok" for r in result["rows"]) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ghostdp.integrations.bench.fsdp2", description=__doc__.split("\n\n")[0])
+    add_case_arguments(p)
     p.add_argument("--engines", nargs="+", default=list(DEFAULT_ENGINES))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=1, help="timed steps per group (default 1)")
@@ -430,17 +492,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write <OUT>.json and <OUT>.md (e.g. bench/results/fsdp2_cpu)")
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    if ns.rounds < 1 or ns.steps < 1 or ns.warmup < 0:
-        p.error("--rounds and --steps must be >= 1 and --warmup >= 0")
-    case = FSDP2Case(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(FSDP2Case)})
     command = "python -m ghostdp.integrations.bench.fsdp2 " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    result = compare(case, ns.engines, rounds=ns.rounds, steps=ns.steps, warmup=ns.warmup, threads=ns.threads,
-                     command=command.strip())
-    if ns.out:
-        write(result, ns.out)
-    sys.stdout.write(markdown(result))
-    return 1 if any(r["status"] != "ok" for r in result["rows"]) else 0
+    try:
+        case = case_from(ns)
+        check_options(ns.engines, rounds=ns.rounds, steps=ns.steps, warmup=ns.warmup, threads=ns.threads)
+    except ValueError as exc:
+        p.error(str(exc))  # exits with status 2
+    return run(case, ns.engines, rounds=ns.rounds, steps=ns.steps, warmup=ns.warmup, threads=ns.threads,
+               out=ns.out, command=command.strip())
 
 
 if __name__ == "__main__":
