@@ -37,9 +37,9 @@ import logging
 import math
 import os
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from collections.abc import Mapping
 from numbers import Real
 from types import MappingProxyType
 from typing import Literal
@@ -49,16 +49,31 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ghostdp import kernels
-from ghostdp.kernels.dispatch import TWIN_DTYPES  # the noise kernel also reads float64
 from ghostdp.engine import fsdp
-from ghostdp.engine.errors import BatchMismatchError, UnclippedGradientError, UnsupportedModuleError
-from ghostdp.engine.grads import Dense, Factored, PerExampleGrad, compute_dtype, summed_norm2
+from ghostdp.engine.errors import (
+    BatchMismatchError,
+    UnclippedGradientError,
+    UnsupportedModuleError,
+)
+from ghostdp.engine.grads import (
+    Dense,
+    Factored,
+    PerExampleGrad,
+    compute_dtype,
+    summed_norm2,
+)
 from ghostdp.engine.layers import rule_for
 from ghostdp.engine.layers.lora import check_peft_model
 from ghostdp.engine.layers.prompt import attach_prompt_tuning
 from ghostdp.engine.layers.registry import Recorder, unsupported_error
+from ghostdp.kernels.dispatch import TWIN_DTYPES  # the noise kernel also reads float64
 
 log = logging.getLogger(__name__)
+
+
+def _qualified(module_name: str, param_name: str) -> str:
+    """``module.param`` as ``named_parameters`` spells it (the bare name for the root's own parameters)."""
+    return f"{module_name}.{param_name}" if module_name else param_name
 
 Clipping = Literal["auto", "ghost", "per_sample"]
 CLIP_EPS = 1e-6
@@ -73,7 +88,7 @@ class _BackwardContext:
 
     uses: dict[nn.Parameter, list[PerExampleGrad]] = field(default_factory=dict)
     batch_size: int | None = None
-    forward: "_ForwardInfo | None" = None
+    forward: _ForwardInfo | None = None
     finalize_queued: bool = False
 
 
@@ -253,7 +268,7 @@ class PrivacyEngine:
             if not owned:
                 continue
             rule = rule_for(module)
-            qual = lambda n: f"{mname}.{n}" if mname else n  # noqa: E731
+            qual = partial(_qualified, mname)
             if rule is None:
                 raise unsupported_error(qual(owned[0][0]), mname, module)
             for n, p in owned:
@@ -324,11 +339,9 @@ class PrivacyEngine:
             found = _model_batch(args, kwargs)
             self._forward = None if found is None else _ForwardInfo(*found)
             self._forward_recorder = Recorder(partial(self._record, self._forward), self._anchor)
-        return None
 
     def _model_post_forward(self, model, args, output):
         self._model_depth = max(0, self._model_depth - 1)
-        return None
 
     def _dp_forward(self, module: nn.Module, rule, *args, **kwargs):
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters(recurse=False)):
@@ -574,7 +587,7 @@ class PrivacyEngine:
             # add_clipped_sums pops each parameter's pieces once reduced, so the book-keeping shrinks while the
             # layer-sized buffers come and go; no other reference may keep the pieces alive meanwhile.
             same_input.clear()
-            first = uses = group = None  # noqa: F841
+            first = uses = group = None
             self._fsdp.add_clipped_sums(ctx.uses, factors, self._impl_for, self._mark_written)
             ctx.uses = {}
         for p, uses in ctx.uses.items():

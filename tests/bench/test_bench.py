@@ -15,7 +15,7 @@ import pytest
 
 from ghostdp.integrations import bench
 
-TINY = dict(model="tiny-llama", seq_len=16, batch_size=2)
+TINY = {"model": "tiny-llama", "seq_len": 16, "batch_size": 2}
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.helpers import tiny_llama  # noqa: E402
-from tests.hf.trainer_helpers import collator, lora, make_args, make_data  # noqa: E402
+from tests.helpers import tiny_llama
+from tests.hf.trainer_helpers import collator, lora, make_args, make_data
 
 N, STEPS = 24, 4
 
@@ -53,8 +53,9 @@ def gathered(model) -> dict[str, torch.Tensor]:
 #: The Trainer's FSDP2 arguments DPTrainer honours itself (it shards the unsharded model it is given): the legacy
 #: string form with the blocks named, and the plain form with the model's _no_split_modules.
 FSDP_ARGS = {
-    "named": dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}),
-    "default": dict(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True}),
+    "named": {"fsdp": "full_shard",
+              "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}},
+    "default": {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}},
 }
 
 
@@ -70,7 +71,7 @@ def fsdp2_run(output_dir, *, sharded: bool, noise: float, optim: str = "sgd", se
         model = lora(model)
     if sharded:
         model = shard(model)
-    save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
+    save = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
     if fsdp_args:
         save.update(FSDP_ARGS[fsdp_args])
     args = make_args(output_dir, logical_batch_size=6, per_device_train_batch_size=2, max_steps=STEPS,

@@ -23,11 +23,27 @@ import ghostdp.accounting as acc
 from ghostdp import PrivacyEngine, UnsupportedModuleError
 from ghostdp.data import PoissonBatchSampler
 from ghostdp.engine.loss import per_example_lm_loss
-from ghostdp.integrations.hf.trainer import PRIVACY_FILE, STATE_FILE, DPTrainer, PrivacyBudgetExhaustedError
+from ghostdp.integrations.hf.trainer import (
+    PRIVACY_FILE,
+    STATE_FILE,
+    DPTrainer,
+    PrivacyBudgetExhaustedError,
+)
 from tests.helpers import SST2_DIR, require_embedded_smollm2, tiny_llama
 from tests.hf.trainer_helpers import (
-    CHECKPOINTING, DDP_N, DDP_STEPS, IS_CHECKPOINTING, LENGTH_GROUPED, REPO, TRANSFORMERS_4, collator, ddp_run, lora,
-    make_args, make_data, trainable,
+    CHECKPOINTING,
+    DDP_N,
+    DDP_STEPS,
+    IS_CHECKPOINTING,
+    LENGTH_GROUPED,
+    REPO,
+    TRANSFORMERS_4,
+    collator,
+    ddp_run,
+    lora,
+    make_args,
+    make_data,
+    trainable,
 )
 
 N, L, B = 24, 4, 3  # examples, logical (expected) batch, physical batch: q = 1/6, 6 steps per sampler pass
@@ -116,7 +132,7 @@ def test_matches_hand_written_engine_loop(tmp_path, kind):
     for k, (got, ref) in enumerate(zip(rec.steps, expected)):
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"step {k + 1}, {name}: {m}")
+                                       msg=lambda m, k=k, name=name: f"step {k + 1}, {name}: {m}")
     # the logged loss is sum_i L_i / L over each logical batch (0 for the empty one)
     losses = logged(trainer, "loss")
     empty = [k + 1 for k, b in enumerate(poisson_batches(seed, steps)) if not b]
@@ -185,8 +201,8 @@ def test_resume_continues_the_same_run(tmp_path, workers):
     sampler state after the last batch trained on, not after the last one drawn.
     """
     n, steps = 16, 6  # q = 1/4
-    common = dict(max_steps=steps, optim="adamw_torch", learning_rate=0.02, lr_scheduler_type="linear",
-                  save_strategy="steps", save_steps=3, dataloader_num_workers=workers)
+    common = {"max_steps": steps, "optim": "adamw_torch", "learning_rate": 0.02, "lr_scheduler_type": "linear",
+              "save_strategy": "steps", "save_steps": 3, "dataloader_num_workers": workers}
     data = make_data(n)
     model = lora(tiny_llama(True))
     rec = ParamsEachStep(model)
@@ -221,7 +237,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(REPO / "tests" / "hf" / "trainer_helpers.py"), str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp = torch.load(out, weights_only=True)
     assert ddp["world"] == 2
@@ -231,7 +247,8 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
                                                 delta=1 / (2 * DDP_N))
     assert ddp["losses"] == pytest.approx(losses, rel=1e-12)  # the logged loss covers both ranks' examples
     for name, p in params.items():
-        torch.testing.assert_close(ddp["params"][name], p, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ddp["params"][name], p, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_gradient_checkpointing_gives_the_same_steps(tmp_path):
@@ -284,28 +301,28 @@ def test_bf16_lora_evaluation_callbacks_and_peft_save(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- bad configurations
 ARG_ERRORS = [
-    (dict(per_device_train_batch_size=8), "larger than logical_batch_size"),
-    (dict(logical_batch_size=None), "logical_batch_size=None"),
-    (dict(noise_multiplier=None, target_epsilon=None), "needs target_epsilon"),
-    (dict(max_grad_norm=0.0), "clipping bound C"),
-    (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps=2"),
+    ({"per_device_train_batch_size": 8}, "larger than logical_batch_size"),
+    ({"logical_batch_size": None}, "logical_batch_size=None"),
+    ({"noise_multiplier": None, "target_epsilon": None}, "needs target_epsilon"),
+    ({"max_grad_norm": 0.0}, "clipping bound C"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2"),
     (LENGTH_GROUPED, "Poisson"),
-    (dict(label_smoothing_factor=0.1), "label smoother"),
-    (dict(fp16=True), "loss scaling"),
-    (dict(neftune_noise_alpha=5.0), "NEFTune"),
+    ({"label_smoothing_factor": 0.1}, "label smoother"),
+    ({"fp16": True}, "loss scaling"),
+    ({"neftune_noise_alpha": 5.0}, "NEFTune"),
     # FSDP2 arguments are honoured (tests/hf/test_trainer_fsdp2.py); what DPTrainer cannot honour is refused
-    (dict(fsdp="full_shard", fsdp_config={"version": 1}), "FSDP2 only" if not TRANSFORMERS_4 else "5.x only"),
-    (dict(fsdp="full_shard offload"), "CPU offload" if not TRANSFORMERS_4 else "5.x only"),
-    (dict(fsdp="hybrid_shard"), "HSDP needs a 2-D mesh" if not TRANSFORMERS_4 else "5.x only"),
-    (dict(fsdp=True, fsdp_config={"activation_checkpointing": True}),
+    ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP2 only" if not TRANSFORMERS_4 else "5.x only"),
+    ({"fsdp": "full_shard offload"}, "CPU offload" if not TRANSFORMERS_4 else "5.x only"),
+    ({"fsdp": "hybrid_shard"}, "HSDP needs a 2-D mesh" if not TRANSFORMERS_4 else "5.x only"),
+    ({"fsdp": True, "fsdp_config": {"activation_checkpointing": True}},
      "gradient_checkpointing=True" if not TRANSFORMERS_4 else "5.x only"),
-    (dict(fsdp=True, fsdp_config={"fsdp_forward_prefetch": True}),
+    ({"fsdp": True, "fsdp_config": {"fsdp_forward_prefetch": True}},
      "not FSDP2 options DPTrainer honours" if not TRANSFORMERS_4 else "5.x only"),
-    (dict(fsdp=True, fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"}),
+    ({"fsdp": True, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}},
      "leave state_dict_type unset" if not TRANSFORMERS_4 else "5.x only"),
-    (dict(deepspeed={"zero_optimization": {"stage": 2}}), "DeepSpeed is not supported"),
-    (dict(optim="lomo"), "LOMO"),
-    (dict(push_to_hub=True, hub_strategy="checkpoint", hub_model_id="x/y"), "sampler's RNG state"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed is not supported"),
+    ({"optim": "lomo"}, "LOMO"),
+    ({"push_to_hub": True, "hub_strategy": "checkpoint", "hub_model_id": "x/y"}, "sampler's RNG state"),
 ]
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import shlex
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ghostdp.integrations.bench.engines import (
     NON_PRIVATE,

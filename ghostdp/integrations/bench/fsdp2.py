@@ -37,10 +37,16 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ghostdp.integrations.bench.engines import MAX_GRAD_NORM, NOISE_MULTIPLIER, NON_PRIVATE, parse_engine
+from ghostdp.integrations.bench.engines import (
+    MAX_GRAD_NORM,
+    NOISE_MULTIPLIER,
+    NON_PRIVATE,
+    parse_engine,
+)
 from ghostdp.integrations.bench.results import environment, format_bytes
 
 log = logging.getLogger(__name__)
@@ -166,7 +172,11 @@ def _rank_main(rank: int, case: FSDP2Case, engine: str, steps: int, warmup: int,
     import torch.distributed as dist
 
     from ghostdp.engine.loss import per_example_lm_loss
-    from ghostdp.integrations.bench.measure import _proc_status_bytes, _reset_peak_rss, _warm_up_libraries
+    from ghostdp.integrations.bench.measure import (
+        _proc_status_bytes,
+        _reset_peak_rss,
+        _warm_up_libraries,
+    )
 
     if threads:
         torch.set_num_threads(threads)
@@ -210,7 +220,7 @@ def _rank_main(rank: int, case: FSDP2Case, engine: str, steps: int, warmup: int,
             record["finalize_rss_bytes"] = marks["finalize_rss"] - base
             record["held_bytes"] = marks["held_bytes"]
         record["status"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - a failure is a row of the table
+    except Exception as exc:  # a failure is a row of the table
         log.warning("rank %d, %s failed", rank, engine, exc_info=True)
         record["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     finally:
@@ -228,7 +238,9 @@ def _import_libraries() -> None:
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
     import ghostdp.engine.loss  # noqa: F401
-    from ghostdp.integrations.bench.measure import _import_libraries as import_bench_libraries
+    from ghostdp.integrations.bench.measure import (
+        _import_libraries as import_bench_libraries,
+    )
 
     import_bench_libraries()
 
@@ -334,22 +346,22 @@ def markdown(result: dict) -> str:
     lines = [
         "# ghostdp vs non-private under FSDP2 (fully_shard), CPU", "",
         f"Command: `{result['command']}`", "",
-        f"- {env['device']}; torch {env.get('torch')}, transformers {env.get('transformers')}; commit "
-        f"{env.get('commit')}; {env.get('date')}; load average at start {env.get('load_average_start')}, at end "
-        f"{env.get('load_average_end')}",
+        (f"- {env['device']}; torch {env.get('torch')}, transformers {env.get('transformers')}; commit "
+         f"{env.get('commit')}; {env.get('date')}; load average at start {env.get('load_average_start')}, at end "
+         f"{env.get('load_average_end')}"),
         f"- case `{result['case_id']}`: " + ", ".join(f"{k}={v}" for k, v in case.items()),
-        f"- {s['rounds']} rounds (engines rotated each round, one fresh {case['world_size']}-process gloo group "
-        f"per engine and round) x {s['steps']} timed steps after {s['warmup']} warm-up; {s['threads']} torch "
-        f"thread(s) per rank; SGD lr {LR}; ghostdp C = {MAX_GRAD_NORM}, sigma = {NOISE_MULTIPLIER}, "
-        "loss_reduction='sum', expected batch = world x per-rank batch",
+        (f"- {s['rounds']} rounds (engines rotated each round, one fresh {case['world_size']}-process gloo group "
+         f"per engine and round) x {s['steps']} timed steps after {s['warmup']} warm-up; {s['threads']} torch "
+         f"thread(s) per rank; SGD lr {LR}; ghostdp C = {MAX_GRAD_NORM}, sigma = {NOISE_MULTIPLIER}, "
+         "loss_reduction='sum', expected batch = world x per-rank batch"),
         "",
-        "Step: forward, per-example LM loss, backward, optimizer step, zero_grad, after a barrier; a step's time "
-        "is its slowest rank's. Peak memory per rank: peak RSS of a fresh process during the steps minus its RSS "
-        "after imports and a miniature step (glibc mmap threshold 64 KiB); includes shards and optimizer. "
-        "`x np`: ratio to non-private of this run (busiest rank for memory; minima / medians for time).",
+        ("Step: forward, per-example LM loss, backward, optimizer step, zero_grad, after a barrier; a step's time "
+         "is its slowest rank's. Peak memory per rank: peak RSS of a fresh process during the steps minus its RSS "
+         "after imports and a miniature step (glibc mmap threshold 64 KiB); includes shards and optimizer. "
+         "`x np`: ratio to non-private of this run (busiest rank for memory; minima / medians for time)."),
         "",
-        "| engine | wall s min / median | x np | CPU s min / median | x np | n | peak memory per rank | "
-        "memory x np | status |",
+        ("| engine | wall s min / median | x np | CPU s min / median | x np | n | peak memory per rank | "
+         "memory x np | status |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -369,8 +381,8 @@ def markdown(result: dict) -> str:
     probed = [r for r in result["rows"] if r.get("hwm_after")]
     if probed:
         lines += ["", "## Where the peak is (busiest rank's medians)", "",
-                  "| engine | after setup | high-water in forward / backward / step | RSS when backward ends "
-                  "| held by the engine then |", "|---|---|---|---|---|"]
+                  ("| engine | after setup | high-water in forward / backward / step | RSS when backward ends "
+                   "| held by the engine then |"), "|---|---|---|---|---|"]
         for r in probed:
             h = r["hwm_after"]
             lines.append(f"| {r['engine']} | {format_bytes(r['setup_bytes'])} | {format_bytes(h['forward'])} / "

@@ -289,7 +289,7 @@ def fsdp2_settings(fsdp, fsdp_config) -> dict | None:
 
         with open(fsdp_config, encoding="utf-8") as f:
             fsdp_config = json.load(f)
-    config = {k[5:] if k.startswith("fsdp_") else k: v for k, v in dict(fsdp_config or {}).items()}
+    config = {k.removeprefix("fsdp_"): v for k, v in dict(fsdp_config or {}).items()}
     version = int(config.pop("version", 2))
     if version != 2:
         raise ValueError(

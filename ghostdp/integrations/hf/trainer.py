@@ -75,12 +75,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler
 import transformers
 from packaging.version import Version
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint, seed_worker
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    SaveStrategy,
+    get_last_checkpoint,
+    seed_worker,
+)
 
 from ghostdp.engine import planning
 from ghostdp.engine.fsdp import is_fsdp2
@@ -149,7 +154,7 @@ class LogicalBatch:
     physical: list[Any]
     num_examples: int
 
-    def pin_memory(self) -> "LogicalBatch":  # called by DataLoader(pin_memory=True)
+    def pin_memory(self) -> LogicalBatch:  # called by DataLoader(pin_memory=True)
         def pin(x):
             if isinstance(x, torch.Tensor):
                 return x.pin_memory()
@@ -228,7 +233,7 @@ class _StartDPCallback(TrainerCallback):
     attached to the bare model and ``training_step`` runs the bare model, so DDP's hooks are never used.
     """
 
-    def __init__(self, trainer: "DPTrainer"):
+    def __init__(self, trainer: DPTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -245,13 +250,13 @@ def _no_global_clipping(parameters, max_norm, *args, **kwargs):
     ``max_grad_norm`` is the per-example bound C, applied by the engine; clipping the sum again would rescale
     signal and noise by a data-dependent factor. Returns None, so no (un-noised) gradient norm is logged.
     """
-    return None
+    return
 
 
 class _PrivacyBudgetCallback(TrainerCallback):
     """Stops training after the last step that fits in ``target_epsilon`` (and logs that it did)."""
 
-    def __init__(self, trainer: "DPTrainer"):
+    def __init__(self, trainer: DPTrainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -949,7 +954,10 @@ class DPTrainer(Trainer):
         as a plain transformers / PEFT checkpoint."""
         if not self._fsdp2:
             return super().save_model(output_dir, _internal_call)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.args.should_save:
