@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="Runs per (method, epsilon), fresh DP noise each. Default: 3.")
             common.add_argument("--method-lr", metavar="M=LR,...", help="Learning rate per method, e.g. "
                                 "lora=1e-2,prompt=5e-2,full=2e-4 (default: --learning-rate for every method).")
+            common.add_argument("--summarize-only", action="store_true",
+                                help="Run no cell: write study.md/json/png from the cells finished so far and list "
+                                "the ones not run (a time-boxed or interrupted study).")
         if command == "pipeline":
             common.add_argument("--seeds", type=int, default=1, metavar="N",
                                 help="Repeat the whole run N times with fresh DP noise (<run-dir>/seed-<i>) and "
@@ -360,7 +363,7 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> int | None
 
         grid = study.StudyGrid(study.parse_methods(ns.methods), study.parse_epsilons(ns.epsilons), ns.seeds,
                                study.parse_method_lr(ns.method_lr))
-        study.run_study(config, run_dir, grid, show_progress=show)
+        study.run_study(config, run_dir, grid, show_progress=show, summarize_only=ns.summarize_only)
         print((run_dir / "study.md").read_text(encoding="utf-8") + f"\nStudy: {run_dir / 'study.md'}, "
               f"{run_dir / 'study.json'}, {run_dir / 'study.png'}")
     elif ns.seeds > 1:

@@ -87,12 +87,25 @@ def test_resume_skips_finished_cells_and_seeds_shift(tmp_path):
     assert (cell_dir(root, "prompt", 1.0, 0) / CELL_FILE).is_file()
     assert not (cell_dir(root, "prompt", 1.0, 1) / CELL_FILE).exists()
 
+    # A time-boxed study: the table from the finished cells, the others listed as not run and nothing trained.
+    partial_runner = FakeRunner()
+    partial = run_study(config, root, grid, runner=partial_runner, summarize_only=True)
+    assert partial_runner.calls == []
+    assert partial["not_run"] == [{"method": "prompt", "epsilon": "1", "seed": 1},
+                                  {"method": "prompt", "epsilon": "inf (not private)", "seed": 0},
+                                  {"method": "prompt", "epsilon": "inf (not private)", "seed": 1}]
+    prompt_inf = next(r for r in partial["rows"] if r["method"] == "prompt" and r["epsilon"].startswith("inf"))
+    assert prompt_inf["accuracy_synthetic"]["n"] == 0
+    md = (root / "study.md").read_text()
+    assert "**Not run** (3 of the grid's cells" in md and "prompt at epsilon inf (not private) seed 1" in md
+
     second = FakeRunner()
     summary = run_study(config, root, grid, runner=second)
     assert second.calls == [("prompt", 1.0, "seed-1"), ("prompt", math.inf, "seed-0"), ("prompt", math.inf, "seed-1")]
     third = FakeRunner()
     run_study(config, root, grid, runner=third)
     assert third.calls == []  # everything finished: nothing re-run
+    assert summary["not_run"] == [] and "Not run" not in (root / "study.md").read_text()
 
     row = next(r for r in summary["rows"] if r["method"] == "lora" and r["epsilon"] == "1")
     assert row["accuracy_synthetic"]["mean"] == pytest.approx(0.8 + 0.01 + 0.0015)  # train.seed 1 + i: 1, 2

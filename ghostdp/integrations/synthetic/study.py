@@ -230,10 +230,12 @@ def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool) -> d
 
 
 def run_study(config: RunConfig, run_dir: str | Path, grid: StudyGrid, *, show_progress: bool = True,
-              runner: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+              runner: Callable[..., dict[str, Any]] | None = None, summarize_only: bool = False) -> dict[str, Any]:
     """Run every cell not finished yet, then write ``study.json``, ``study.md`` and ``study.png`` in ``run_dir``.
 
-    ``runner(config, cell_dir, show_progress=...)`` defaults to :func:`run_cell`.
+    ``runner(config, cell_dir, show_progress=...)`` defaults to :func:`run_cell`. With ``summarize_only`` no
+    cell is run: the table is written from the cells finished so far (a time-boxed or interrupted study), and
+    the cells not run are listed in it (their rows read n/a with 0 seeds).
     """
     from ghostdp.integrations.synthetic.run_folder import (
         lock_run_folder,
@@ -247,7 +249,7 @@ def run_study(config: RunConfig, run_dir: str | Path, grid: StudyGrid, *, show_p
         logger.warning("The study includes epsilon = inf: those cells are trained WITHOUT noise or clipping and are "
                        "NOT private (a baseline; labelled '%s' everywhere).", eps_label(math.inf))
     with lock_run_folder(root, "study"):  # study.*; each cell folder has its own lock
-        cells = []
+        cells, missing = [], []
         todo = grid.cells()
         for k, (method, eps, seed) in enumerate(todo):
             where = cell_dir(root, method, eps, seed)
@@ -256,6 +258,11 @@ def run_study(config: RunConfig, run_dir: str | Path, grid: StudyGrid, *, show_p
                 logger.info("Cell %d/%d %s eps=%s seed %d: finished earlier (%s), not run again", k + 1, len(todo),
                             method, eps_label(eps), seed, done)
                 cells.append(json.loads(done.read_text(encoding="utf-8")))
+                continue
+            if summarize_only:
+                logger.info("Cell %d/%d %s eps=%s seed %d: not run (--summarize-only)", k + 1, len(todo), method,
+                            eps_label(eps), seed)
+                missing.append({"method": method, "epsilon": eps_label(eps), "seed": seed})
                 continue
             logger.info("Cell %d/%d: %s, epsilon %s, seed %d in %s", k + 1, len(todo), method, eps_label(eps), seed,
                         where)
@@ -267,6 +274,7 @@ def run_study(config: RunConfig, run_dir: str | Path, grid: StudyGrid, *, show_p
             write_text_atomic(done, json.dumps(record, indent=2, allow_nan=False) + "\n")
             cells.append(record)
         summary = summarize(cells, grid)
+        summary["not_run"] = missing
         summary["config"] = {"methods": list(grid.methods), "epsilons": [eps_label(e) for e in grid.epsilons],
                              "seeds": grid.seeds, "learning_rates": {m: dict(grid.learning_rates).get(
                                  m, config.train.learning_rate) for m in grid.methods}, "model": config.train.model, "train_data": config.data.train_data,
@@ -332,6 +340,10 @@ def study_markdown(summary: dict[str, Any]) -> str:
     fl, rc = summary["floor"]["accuracy"], summary["real_ceiling"]["accuracy"]
     lines.append(f"| prior floor (un-finetuned generator's samples) | - | {_pm(fl)} | | | | {fl['n']} |")
     lines.append(f"| real data, {NOT_PRIVATE} (ceiling) | inf ({NOT_PRIVATE}) | {_pm(rc)} | | | | {rc['n']} |")
+    not_run = summary.get("not_run") or []
+    if not_run:
+        lines += ["", f"**Not run** ({len(not_run)} of the grid's cells; summarised with --summarize-only): "
+                  + ", ".join(f"{c['method']} at epsilon {c['epsilon']} seed {c['seed']}" for c in not_run) + "."]
     lines += ["", "Per-cell run folders and figures: study.json (cells).", ""]
     return "\n".join(lines)
 
