@@ -60,7 +60,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "lora_targets": ("q_proj", "v_proj"), "lora_layers": 10,
             "target_epsilon": 3.0, "label_epsilon": 0.1, "max_grad_norm": 1.0,
             "logical_batch_size": 256, "physical_batch_size": 32, "max_steps": 8, "learning_rate": 1e-2,
-            "lr_scheduler": "constant", "max_length": 24, "template": "A {label} movie review:\n", "use_cpu": True,
+            "lr_scheduler": "constant", "max_length": 36, "template": "Write one sentence from a {label} movie review.",
+            "chat_template": True, "system_prompt": "", "use_cpu": True,
         },
         "synthesize": {
             "num_samples": 240, "label_proportions": "dp", "temperature": 1.0, "top_p": 0.95, "top_k": 0,
@@ -92,7 +93,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 PRESETS["study-cpu"] = copy.deepcopy(PRESETS["cpu-demo"])
 PRESETS["study-cpu"]["data"].update(eval_rows=300)
-PRESETS["study-cpu"]["train"].update(logical_batch_size=64, max_steps=12, prompt_tokens=20)
+PRESETS["study-cpu"]["train"].update(logical_batch_size=64, max_steps=12, prompt_tokens=20, max_length=24,
+                                     template="A {label} movie review:\n", chat_template=False)
 PRESETS["study-cpu"]["synthesize"].update(num_samples=160)
 PRESETS["study-cpu"]["evaluate"].update(dp_steps=100, floor_samples=80, perplexity_rows=32)
 PRESETS["study-gpu"] = copy.deepcopy(PRESETS["sst2-full"])
