@@ -146,9 +146,69 @@ def write_tsv(path: Path, rows) -> Path:
     return path
 
 
-def save_tiny_generator(folder: Path, make_word_tokenizer) -> Path:
-    """A random tied 2-layer float32 Llama with a word tokenizer over ``TINY_VOCAB``, saved as a model folder."""
-    tok = make_word_tokenizer(TINY_VOCAB, pad=True)
+def save_tiny_generator(folder: Path, make_word_tokenizer, words: list[str] | None = None) -> Path:
+    """A random tied 2-layer float32 Llama with a word tokenizer over ``words`` (default ``TINY_VOCAB``), saved
+    as a model folder."""
+    tok = make_word_tokenizer(TINY_VOCAB if words is None else words, pad=True)
     tiny_llama(True, vocab=len(tok), dtype=torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------- long reviews from another domain
+#: Filler of the long toy reviews: restaurant/hotel words the SST-2-style toy rows never use.
+LONG_FILLER = ["service", "food", "staff", "room", "price", "menu", "table", "night", "place", "view"]
+#: Every token of the long toy reviews (punctuation included: the word tokenizer splits it off), the prompt
+#: pieces of ``[reviews][{label}]: `` and the label names ``negative`` and ``very positive``.
+LONG_VOCAB = TINY_VOCAB + LONG_FILLER + [",", ".", '"', "reviews", "very"]
+#: Sentiment words of a "late" long review sit at word positions >= this (a shorter cap sees none of them).
+LATE_SIGNAL_START = 50
+
+
+def toy_long_review_rows(n: int, rng, words: tuple[int, int] = (200, 400), *, late_every: int = 3
+                         ) -> list[tuple[str, str]]:
+    """n (label, text) rows, labels alternating ``"neg"``/``"pos"``, each text ``rng.randint(*words)`` words long
+    (whitespace-split) in paragraphs separated by blank lines, with commas, full stops and a quoted word.
+
+    About one word in 25 (at least 4) is a sentiment word of the row's label, at random positions spread
+    through the whole text, except in every ``late_every``-th row of at least ``LATE_SIGNAL_START + 10`` words:
+    there they all sit at positions >= ``LATE_SIGNAL_START``, so the first ``LATE_SIGNAL_START`` words carry no
+    label signal at all and a length cap visibly loses it. Drawn from ``rng`` (a ``random.Random``).
+    """
+    out = []
+    for i in range(n):
+        label, lexicon = ("pos", POS) if i % 2 else ("neg", NEG)
+        k = rng.randint(*words)
+        late = late_every > 0 and i % late_every == late_every - 1 and k >= LATE_SIGNAL_START + 10
+        first = LATE_SIGNAL_START if late else 0
+        n_signal = min(max(4, k // 25), k - first)
+        where = set(rng.sample(range(first, k), n_signal))
+        tokens = [rng.choice(lexicon) if j in where else rng.choice(FILLER + LONG_FILLER) for j in range(k)]
+        pieces, paragraph_end = [], rng.randint(40, 90)
+        for j, word in enumerate(tokens):
+            end = j == k - 1 or j == paragraph_end or rng.random() < 0.08
+            if end:
+                word += "."
+            elif rng.random() < 0.08:
+                word += ","
+            elif rng.random() < 0.03:
+                word = f'"{word}"'
+            pieces.append(word)
+            if j == paragraph_end and j < k - 1:
+                pieces.append("\n\n")
+                paragraph_end += rng.randint(40, 90)
+        text = " ".join(pieces).replace(" \n\n ", "\n\n")
+        out.append((label, text))
+    return out
+
+
+def write_review_csv(path: Path, rows) -> Path:
+    """A CSV with non-SST-2 columns ``review_id,sentiment,review`` (RFC 4180 quoting: the reviews' commas,
+    quotes and blank lines sit inside quoted fields)."""
+    import csv
+
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["review_id", "sentiment", "review"])
+        writer.writerows([i, y, t] for i, (y, t) in enumerate(rows))
+    return path
