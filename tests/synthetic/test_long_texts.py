@@ -294,3 +294,27 @@ def test_the_run_completes_with_its_report_and_metrics(long_run):
     assert info["dataset_name"] == "reviews"
     assert figures["metrics"]["data"]["n_private"] == 48 and figures["metrics"]["data"]["n_heldout"] == 24
 
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv"])
+def test_a_text_longer_than_the_csv_modules_field_limit_is_read_whole(tmp_path, suffix):
+    """Regression: Python's csv refuses fields over 128 KiB by default, which sank a whole file holding one
+    long document ("field larger than field limit (131072)"). Read whole now; the module's limit is restored."""
+    import csv
+
+    from ghostdp.integrations.synthetic.text_data import (
+        TextDataConfig,
+        load_labelled_texts,
+    )
+
+    document = "\n\n".join(" ".join(random.Random(i).choices(POS + NEG, k=5000)) for i in range(5))  # ~150k chars
+    assert len(document) > 131072
+    if suffix == "csv":
+        path = write_review_csv(tmp_path / "long.csv", [("pos", document), ("neg", "bad food .")])
+    else:  # TSV has no quoting: one line a row
+        document = document.replace("\n\n", " ")
+        path = tmp_path / "long.tsv"
+        path.write_text(f"review_id\tsentiment\treview\n0\tpos\t{document}\n1\tneg\tbad food .\n", encoding="utf-8")
+    before = csv.field_size_limit()
+    data = load_labelled_texts(TextDataConfig(path, text_column="review", label_column="sentiment"))
+    assert data.texts == (document, "bad food .") and data.labels == ("pos", "neg")
+    assert csv.field_size_limit() == before

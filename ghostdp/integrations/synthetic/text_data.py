@@ -223,21 +223,28 @@ def _read_delimited(path: Path, delimiter: str, limit: int | None) -> _RawTable:
     # usual RFC 4180 double-quote rules.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     rows: list[dict[str, Any]] = []
-    with io.StringIO(read_text_file(path), newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
-        columns = tuple(reader.fieldnames or ())
-        if not columns:
-            raise ValueError(f"{path} is empty: expected a header line naming the columns, then one row per "
-                             "example. Point to the right file, or fill this one.")
-        for row in reader:
-            if limit is not None and len(rows) >= limit:
-                break
-            if None in row:
-                raise ValueError(
-                    f"{path} line {reader.line_num}: more fields than the {len(columns)} header columns "
-                    f"{list(columns)}. If this is a CSV whose text contains commas, quote the text field."
-                )
-            rows.append(row)
+    text = read_text_file(path)
+    # Python's csv refuses any field over 128 KiB (field_size_limit's default), so one long document (a report,
+    # a chapter) would sink the whole file; no field is longer than the file, so that is the limit while reading.
+    previous_limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    try:
+        with io.StringIO(text, newline="") as fh:
+            reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
+            columns = tuple(reader.fieldnames or ())
+            if not columns:
+                raise ValueError(f"{path} is empty: expected a header line naming the columns, then one row per "
+                                 "example. Point to the right file, or fill this one.")
+            for row in reader:
+                if limit is not None and len(rows) >= limit:
+                    break
+                if None in row:
+                    raise ValueError(
+                        f"{path} line {reader.line_num}: more fields than the {len(columns)} header columns "
+                        f"{list(columns)}. If this is a CSV whose text contains commas, quote the text field."
+                    )
+                rows.append(row)
+    finally:
+        csv.field_size_limit(previous_limit)
     return _RawTable(rows=rows, columns=columns, where=str(path))
 
 
