@@ -50,7 +50,7 @@ MAX_LENGTH = 24
 LABEL_NAMES = {"neg": "negative", "pos": "very positive"}
 PREFIX_WORDS = {name: ["[", "reviews", "]["] + name.split() + ["]:"] for name in LABEL_NAMES.values()}  # 5 and 6
 BUDGET = MAX_LENGTH - min(len(p) for p in PREFIX_WORDS.values())  # new tokens of a sample: 19
-SCORER_BUDGET = MAX_LENGTH - max(len(p) for p in PREFIX_WORDS.values())  # text tokens the scorer keeps: 18
+SCORER_BUDGET = MAX_LENGTH - min(len(p) for p in PREFIX_WORDS.values())  # = the generation budget: 19
 N_SYNTHETIC = 24
 
 TOML = """
@@ -226,18 +226,19 @@ def test_label_scorer_cuts_long_texts_to_its_budget_and_adds_eos_only_when_they_
 
     gen = load_generator(long_run.run / "model", use_cpu=True)
     scorer = LabelScorer(gen.model, gen.collator, gen.label_names, batch_size=3)
-    assert scorer.text_budget == SCORER_BUDGET == 18
+    # Every sample the generator can produce (up to the generation budget) is scored whole under each label.
+    assert scorer.text_budget == SCORER_BUDGET == 19
     long_text = long_run.dev[0][1]
     head = _words(long_text)[:SCORER_BUDGET]
-    texts = [long_text, " ".join(head + ["food"] * 30),  # same first 18 tokens, another tail
-             " ".join(head),  # exactly 18 tokens: fits, so it gets EOS
-             " ".join(head + ["food"]),  # 19: cut back to the same 18 tokens, no EOS
+    texts = [long_text, " ".join(head + ["food"] * 30),  # same first 19 tokens, another tail
+             " ".join(head[:-1]),  # 18 tokens: text and EOS fit in the 19, so it gets EOS
+             " ".join(head),  # exactly 19: where generation stops without EOS (a cut text), so no EOS
              "good food ."]
     ll = scorer.log_likelihoods(texts)
 
     def reference(text: str, label: str) -> float:
         words = _ids(long_run, _words(text))
-        scored = words[:SCORER_BUDGET] if len(words) > SCORER_BUDGET else words + [long_run.eos]
+        scored = words[:SCORER_BUDGET] if len(words) >= SCORER_BUDGET else words + [long_run.eos]
         prefix = _ids(long_run, PREFIX_WORDS[label])
         ids = torch.tensor([prefix + scored])
         with torch.no_grad():
@@ -248,7 +249,7 @@ def test_label_scorer_cuts_long_texts_to_its_budget_and_adds_eos_only_when_they_
     np.testing.assert_allclose(ll, want, rtol=1e-5, atol=1e-4)
     assert ll[0].tolist() == pytest.approx(ll[1].tolist(), abs=1e-5)  # the tail past the budget is not read
     assert ll[3].tolist() == pytest.approx(ll[0].tolist(), abs=1e-5)
-    assert (ll[2] < ll[3]).all()  # the fitting copy also pays for its EOS
+    # (ll[2]: the reference above scores its 18 tokens plus EOS; ll[3] equals the long text's: cut, no EOS.)
 
     metrics = json.loads((long_run.run / "metrics.json").read_text())
     assert metrics["accuracy"]["generator_classifier"]["n_eval"] == len(long_run.dev)

@@ -92,6 +92,15 @@ def test_batch_seed_depends_on_seed_label_and_batch_only():
     assert len(seeds) == 30 and batch_seed(0, 1, 2) == batch_seed(0, 1, 2)
 
 
+def test_samples_keep_their_line_and_paragraph_breaks():
+    from ghostdp.integrations.synthetic.synthesize import _clean
+
+    # Long private texts have paragraphs; a generator that learnt them releases them (outer whitespace and
+    # runs of spaces within a line go, and more than one blank line becomes one).
+    assert _clean("\n  The  soup was\tcold. \n\n\n\n  Service   was slow. \n") == "The soup was cold.\n\nService was slow."
+    assert _clean(" a  one-line   phrase ") == "a one-line phrase"
+
+
 def test_dedup_key_normalises_whitespace_and_case():
     assert dedup_key("  A  good\nfilm ") == dedup_key("a good film") != dedup_key("a good films")
 

@@ -80,8 +80,11 @@ class LabelScorer:
         model: the (DP fine-tuned) causal LM; put in eval mode by the caller.
         collator: its ``PrefixLMCollator`` (prefix ids, EOS id, tokenizer, ``max_length``).
         label_names: the labels, in output-column order.
-        max_text_tokens: the token budget every text is cut to (none: the training rows' text budget,
-            ``max_length - longest prefix``), so long texts cost what training rows cost.
+        max_text_tokens: the token budget every text is cut to (none: :func:`generation_budget`, the new
+            tokens a sample may have, so every sample the generator can produce is scored whole under every
+            label and long texts cost what training rows cost). A text shorter than the budget is scored with
+            the EOS that ends it; a longer one is cut to the budget and gets no EOS, as the collator and the
+            sampler treat it (a text of exactly the budget was cut there, not ended).
         batch_size: rows per forward pass.
         device: where the model is (default: its parameters' device).
     """
@@ -99,8 +102,8 @@ class LabelScorer:
         self.label_names = tuple(self.label_names)
         if len(self.label_names) < 2:
             raise ValueError(f"LabelScorer: need at least two labels to compare, got {self.label_names}.")
-        longest = max(len(self.collator.prefix_ids(label)) for label in self.label_names)
-        budget = self.max_text_tokens if self.max_text_tokens is not None else self.collator.config.max_length - longest
+        budget = (self.max_text_tokens if self.max_text_tokens is not None
+                  else generation_budget(self.collator, self.label_names))
         if budget < 1:
             raise ValueError(f"LabelScorer: a text budget of {budget} tokens scores nothing; raise max_text_tokens "
                              "(or the collator's max_length).")
@@ -114,12 +117,12 @@ class LabelScorer:
         return self._budget
 
     def _text_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Each text's ids cut to the budget, plus EOS when the whole text fit."""
+        """Each text's ids plus EOS when text and EOS fit in the budget, else its first ``budget`` ids."""
         if not texts:
             return []
         eos = self.collator.eos_token_id
         ids = self.collator.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [list(t[: self._budget]) if len(t) > self._budget else [*t, eos] for t in ids]
+        return [[*t, eos] if len(t) < self._budget else list(t[: self._budget]) for t in ids]
 
     @torch.inference_mode()
     def log_likelihoods(self, texts: Sequence[str]) -> np.ndarray:

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -268,8 +269,10 @@ def dedup_key(text: str) -> str:
 
 
 def _clean(text: str) -> str:
-    # Training rows are single-line texts; a generated newline is whitespace, not structure.
-    return " ".join(text.split())
+    """Outer whitespace dropped and runs of spaces/tabs within a line collapsed; line and paragraph breaks
+    kept (long private texts have paragraphs, and the generator learns them: they are part of the sample)."""
+    lines = [" ".join(line.split()) for line in text.strip().split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
 def batch_seed(sample_seed: int, label_index: int, batch_index: int) -> int:
