@@ -7,17 +7,19 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
     Sized for a 2-core CPU (``make demo``, which runs it with ``--threads auto``). The embedded
     SmolLM2-135M-Instruct gets rank-4 LoRA adapters on q_proj and v_proj of its top 10 blocks (so the
     backward pass stops there) and 8 DP-SGD steps of 256 expected examples from a seeded 2,000-row slice of
-    SST-2 train (the private data) at epsilon 3, plus 0.1 for the label proportions; the prompt
-    ``"A {label} movie review:\\n"`` lets the base model's own knowledge show in the prior-knowledge floor.
-    240 samples of at most the training rows' token budget, kept only when the DP generator scores them
-    as their own label (``filter_margin`` 0: post-processing, no privacy cost; the floor is filtered the
-    same way by the base model), the linear probe, the DP linear head, the DP generator as a zero-shot
-    classifier. Chosen over the earlier recipe (16 steps of 64, rank 8 on q/k/v/o) by measurement, one run
-    each, on a CPU shared with about ten other jobs (bench/results/utility_cpu.md). Wall time there was
-    about an hour; scaled by the old recipe's 3-minute training on an idle machine, about 8-10 minutes
-    idle: an estimate, not a measurement. The numbers show the pipeline working; with this little compute
-    and the DP noise drawn afresh each run, the accuracy moves by several points between runs
-    (``ghostdp pipeline --seeds 3`` reports the spread).
+    SST-2 train (the private data) at epsilon 3, plus 0.1 for the label proportions. The label goes in
+    through the model's chat template: the user turn "Write one sentence from a {label} movie review."
+    (empty system message), the text as the assistant's reply, max_length 36 (23 prefix tokens). The
+    un-finetuned model already follows that instruction (zero-shot likelihood-ratio accuracy 0.757 on 300
+    SST-2 dev rows, against 0.627 with the earlier plain prefix "A {label} movie review:\n"), and it is the
+    same prompt the prior-knowledge floor gets. 240 samples of at most the training rows' token budget,
+    kept only when the DP generator scores them as their own label (``filter_margin`` 0: post-processing, no
+    privacy cost; the floor is filtered the same way by the base model), the linear probe, the DP linear
+    head, the DP generator as a zero-shot classifier. Chosen by measurement (bench/results/utility_cpu.md):
+    the training recipe over the earlier 16 steps of 64 with rank 8 on q/k/v/o, and the chat template over
+    the plain prefix (label fidelity 0.77 vs 0.65 in one run each, same synthetic accuracy). With this little
+    compute and the DP noise drawn afresh each run, the accuracy moves by several points between runs
+    (``ghostdp pipeline --seeds 3`` reports the spread). For other data, write the instruction for it.
 
 ``sst2-full``
     The full-size run, meant for one GPU and not run on the CPU: all 67,349 SST-2 train rows,
