@@ -10,19 +10,22 @@ Everything that can be judged without the data is judged here, when the argument
 that would break the guarantee (fp16 loss scaling, non-Poisson samplers, batch-level label smoothing,
 fused/compiled losses, gradient accumulation set by hand, FSDP1 and FSDP options DPTrainer cannot honour,
 DeepSpeed) fail with an explanation. ``fsdp`` with an FSDP2 ``fsdp_config`` is honoured by DPTrainer itself
-(:func:`fsdp2_settings`, docs/fsdp2.md).
+(:func:`fsdp2_settings`, docs/fsdp2.md), and so is ``accelerate launch`` with an FSDP2 configuration: its
+environment variables are read here too (:func:`accelerate_fsdp2_settings`, :func:`resolve_fsdp2`).
 Dataset-dependent checks (a dataset smaller than the logical batch, delta >= 1/N) run in ``DPTrainer``.
 """
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import transformers
 from packaging.version import Version
 from transformers import TrainingArguments
 
-__all__ = ["DPTrainingArguments", "fsdp2_settings"]
+__all__ = ["DPTrainingArguments", "accelerate_fsdp2_settings", "fsdp2_settings", "resolve_fsdp2"]
 
 _ACCOUNTANTS = ("prv", "rdp")
 _CLIPPING = ("auto", "ghost", "per_sample")
@@ -220,7 +223,9 @@ class DPTrainingArguments(TrainingArguments):
                 f"optim={self.optim!r}: LOMO fuses the update into the backward pass, before ghostdp could clip "
                 "the per-example gradients and add noise. Use another optimizer (adamw_torch, sgd, ...)."
             )
-        fsdp2_settings(self.fsdp, self.fsdp_config)  # raises for any FSDP option DPTrainer cannot honour
+        # raises for any FSDP option DPTrainer cannot honour, in the arguments or in accelerate launch's FSDP
+        # configuration (read here, before TrainingArguments rewrites FSDP_CPU_RAM_EFFICIENT_LOADING)
+        resolve_fsdp2(self.fsdp, self.fsdp_config, accelerate_fsdp_env())
         if self.deepspeed:
             raise ValueError(
                 "DeepSpeed is not supported: its engine reduces (ZeRO: partitions) gradients in its own hooks "
@@ -338,3 +343,175 @@ def fsdp2_settings(fsdp, fsdp_config) -> dict | None:
                          "unknown). " + _FSDP_WAYS_OUT)
     return {"reshard_after_forward": True if reshard is None else _flag(reshard, "reshard_after_forward"),
             "layer_classes": layers}
+
+
+# ---------------------------------------------------------------------------------------------- accelerate launch
+#: The variables ``accelerate launch`` sets for an FSDP configuration (accelerate/utils/launch.py), read by
+#: ``FullyShardedDataParallelPlugin.__post_init__``. Any other ``FSDP_*`` variable is refused by name.
+_ACCELERATE_FSDP_VARS = (
+    "FSDP_VERSION", "FSDP_SHARDING_STRATEGY", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS",
+    "FSDP_MIN_NUM_PARAMS", "FSDP_AUTO_WRAP_POLICY", "FSDP_TRANSFORMER_CLS_TO_WRAP", "FSDP_BACKWARD_PREFETCH",
+    "FSDP_STATE_DICT_TYPE", "FSDP_FORWARD_PREFETCH", "FSDP_USE_ORIG_PARAMS", "FSDP_CPU_RAM_EFFICIENT_LOADING",
+    "FSDP_SYNC_MODULE_STATES", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD",
+    "FSDP_IGNORED_MODULES",
+)
+_LAUNCH_WAYS_OUT = ("In the accelerate config (or its --fsdp_* flags) use fsdp_version: 2, fsdp_auto_wrap_policy: "
+                    "TRANSFORMER_BASED_WRAP, fsdp_state_dict_type: FULL_STATE_DICT, fsdp_cpu_ram_efficient_loading: "
+                    "false, and at most fsdp_reshard_after_forward and fsdp_transformer_layer_cls_to_wrap besides; or "
+                    "launch without FSDP (torchrun, or accelerate without --use_fsdp) and pass DPTrainingArguments("
+                    "fsdp=True, fsdp_config={'version': 2}) or a model you sharded with fully_shard (docs/fsdp2.md).")
+_CONFIG_KEYS = {"FSDP_TRANSFORMER_CLS_TO_WRAP": "transformer_layer_cls_to_wrap"}  # where the names differ
+_TRUE, _FALSE = ("y", "yes", "t", "true", "on", "1"), ("n", "no", "f", "false", "off", "0")  # accelerate's str_to_bool
+
+# The accelerate FSDP variables DPTrainer took over (see take_over_accelerate_fsdp): it then sets
+# ACCELERATE_USE_FSDP=false for the process, so later arguments and trainers read the launch's values from here.
+_taken_over: dict[str, str] | None = None
+
+
+def _env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None:
+        return default
+    if value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _launch_refusal(name, value, "expected true or false.")
+
+
+def _launch_refusal(name: str, value, why: str) -> ValueError:
+    shown = "unset" if value is None else repr(value)
+    key = "fsdp_" + _CONFIG_KEYS.get(name, name.removeprefix("FSDP_").lower())
+    return ValueError(f"{name}={shown} (accelerate launch's FSDP configuration, config key {key}): {why} "
+                      + _LAUNCH_WAYS_OUT)
+
+
+def accelerate_fsdp_env() -> dict[str, str]:
+    """This process's ``ACCELERATE_USE_FSDP`` and ``FSDP_*`` variables (what ``accelerate launch`` set): those
+    DPTrainer recorded when it took them over (:func:`take_over_accelerate_fsdp`), else ``os.environ``'s."""
+    if _taken_over is not None:
+        return dict(_taken_over)
+    return {k: v for k, v in os.environ.items() if k == "ACCELERATE_USE_FSDP" or k.startswith("FSDP_")}
+
+
+def take_over_accelerate_fsdp() -> bool:
+    """Record the accelerate FSDP variables and set ``ACCELERATE_USE_FSDP=false`` in ``os.environ``, so that no
+    accelerate state built in this process creates its own FSDP plugin (DPTrainer shards the model itself).
+    Returns whether the variable was changed now (False when it was off, or taken over already)."""
+    global _taken_over
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    _taken_over = accelerate_fsdp_env() if _taken_over is None else _taken_over
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    return True
+
+
+def accelerate_fsdp2_settings(env: Mapping[str, str]) -> dict | None:
+    """What DPTrainer does with an ``accelerate launch`` FSDP configuration, given its environment variables
+    (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ... as accelerate/utils/launch.py writes them), or None when
+    ``ACCELERATE_USE_FSDP`` is not true (accelerate's own test: the value lower-cased equals "true").
+
+    Returns the settings :func:`fsdp2_settings` returns for the Trainer's arguments, with the same meaning:
+    ``FSDP_TRANSFORMER_CLS_TO_WRAP`` (comma-separated; default the model's ``_no_split_modules``, as accelerate)
+    and ``FSDP_RESHARD_AFTER_FORWARD`` (default true). Raises ValueError, naming the variable and its config key,
+    for FSDP1 (``FSDP_VERSION`` unset or not 2: accelerate's default is 1), CPU offload, sharding strategies
+    other than FULL_SHARD (SHARD_GRAD_OP: use reshard_after_forward false; NO_SHARD; HYBRID_SHARD needs a 2-D
+    mesh), an auto-wrap policy other than TRANSFORMER_BASED_WRAP (size-based or none, also when unset: accelerate
+    then wraps nothing), a state-dict type other than FULL_STATE_DICT (unset is accelerate's FSDP2 default,
+    SHARDED_STATE_DICT), FSDP's activation checkpointing (and its offload), CPU-RAM-efficient loading (ranks other
+    than 0 would hold uninitialised weights that only accelerate's FSDP preparation fills), ignored modules,
+    FSDP1-only prefetching or ``use_orig_params=false``, any other ``FSDP_*`` variable, and transformers 4.x.
+    ``FSDP_MIN_NUM_PARAMS`` (size-based wrapping only) and ``FSDP_SYNC_MODULE_STATES`` (obsolete in FSDP2) are
+    ignored, as accelerate's FSDP2 plugin ignores them; ``accelerate launch`` writes both by default.
+    """
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    if _TRANSFORMERS_4:
+        raise ValueError(
+            "ACCELERATE_USE_FSDP=true (accelerate launch with an FSDP configuration): DPTrainer honours FSDP2 on "
+            f"transformers 5.x only (this is {transformers.__version__}, whose Trainer wraps the model in DDP). "
+            "Upgrade transformers, or train the sharded model with ghostdp's PrivacyEngine directly (docs/fsdp2.md)."
+        )
+    unknown = sorted(k for k in env if k.startswith("FSDP_") and k not in _ACCELERATE_FSDP_VARS)
+    if unknown:
+        raise ValueError(f"{unknown}: not variables of accelerate's FSDP configuration that DPTrainer honours; unset "
+                         "them. " + _LAUNCH_WAYS_OUT)
+    version = env.get("FSDP_VERSION")
+    if (version or "1").strip() != "2":
+        raise _launch_refusal("FSDP_VERSION", version, "DPTrainer supports FSDP2 only (accelerate's default is 1). "
+                              "FSDP1 flattens the parameters of each wrapped unit and reduces their gradients in its "
+                              "own hooks, which would carry unclipped per-batch gradients.")
+    strategy = env.get("FSDP_SHARDING_STRATEGY")
+    if strategy is not None and strategy.strip().upper() not in ("FULL_SHARD", "1"):
+        why = {"SHARD_GRAD_OP": "for FSDP2 set fsdp_reshard_after_forward: false instead.",
+               "NO_SHARD": "it does not shard; train data parallel (launch without FSDP) instead."}
+        raise _launch_refusal("FSDP_SHARDING_STRATEGY", strategy, why.get(
+            strategy.strip().upper(), "hybrid sharding (HSDP) needs a 2-D device mesh, which ghostdp does not support; "
+                                      "FSDP2 shards fully (FULL_SHARD)."))
+    reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true")
+    if reshard.strip().lower() not in _TRUE + _FALSE:
+        raise _launch_refusal("FSDP_RESHARD_AFTER_FORWARD", reshard, "FSDP2 takes true or false (FULL_SHARD / "
+                              "SHARD_GRAD_OP / NO_RESHARD are FSDP1's).")
+    if _env_flag(env, "FSDP_OFFLOAD_PARAMS", False):
+        raise _launch_refusal("FSDP_OFFLOAD_PARAMS", env["FSDP_OFFLOAD_PARAMS"], _FSDP_WHY["cpu_offload"] + ".")
+    policy = env.get("FSDP_AUTO_WRAP_POLICY")
+    if (policy or "NO_WRAP").strip().upper() != "TRANSFORMER_BASED_WRAP":
+        raise _launch_refusal("FSDP_AUTO_WRAP_POLICY", policy, "DPTrainer wraps transformer blocks only "
+                              "(TRANSFORMER_BASED_WRAP); size-based wrapping is not supported, and without a policy "
+                              "(NO_WRAP, accelerate's default) accelerate would wrap no block.")
+    layers = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    if layers is not None:
+        layers = [c.strip() for c in layers.split(",")]
+        if not all(layers):
+            raise _launch_refusal("FSDP_TRANSFORMER_CLS_TO_WRAP", env["FSDP_TRANSFORMER_CLS_TO_WRAP"],
+                                  "give comma-separated class names, e.g. LlamaDecoderLayer.")
+    prefetch = env.get("FSDP_BACKWARD_PREFETCH")
+    if prefetch is not None and prefetch.strip().upper() not in ("NO_PREFETCH", "3"):
+        raise _launch_refusal("FSDP_BACKWARD_PREFETCH", prefetch, "backward prefetching is an FSDP1 option.")
+    state_dict_type = env.get("FSDP_STATE_DICT_TYPE")
+    if (state_dict_type or "SHARDED_STATE_DICT").strip().upper() not in ("FULL_STATE_DICT", "1"):
+        raise _launch_refusal("FSDP_STATE_DICT_TYPE", state_dict_type, "DPTrainer writes its own checkpoints under "
+                              "FSDP2 (each rank's model and optimizer shards, resumed exactly) and save_model gathers "
+                              "a full state dict; set FULL_STATE_DICT (unset is accelerate's FSDP2 default, "
+                              "SHARDED_STATE_DICT).")
+    if _env_flag(env, "FSDP_FORWARD_PREFETCH", False):
+        raise _launch_refusal("FSDP_FORWARD_PREFETCH", env["FSDP_FORWARD_PREFETCH"],
+                              "forward prefetching is an FSDP1 option.")
+    if not _env_flag(env, "FSDP_USE_ORIG_PARAMS", True):
+        raise _launch_refusal("FSDP_USE_ORIG_PARAMS", env["FSDP_USE_ORIG_PARAMS"],
+                              "FSDP2 always uses the original parameters (false is an FSDP1 setting).")
+    for name in ("FSDP_ACTIVATION_CHECKPOINTING", "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD"):
+        if _env_flag(env, name, False):
+            raise _launch_refusal(name, env[name], _FSDP_WHY["activation_checkpointing"] + ".")
+    if _env_flag(env, "FSDP_CPU_RAM_EFFICIENT_LOADING", False):
+        raise _launch_refusal(
+            "FSDP_CPU_RAM_EFFICIENT_LOADING", env["FSDP_CPU_RAM_EFFICIENT_LOADING"],
+            "with it, from_pretrained loads the weights on rank 0 only and the other ranks hold uninitialised "
+            "tensors that only accelerate's own FSDP preparation fills (by broadcast); DPTrainer shards the model "
+            "each rank loaded. Set it to false (accelerate launch writes true unless the config says false).")
+    if env.get("FSDP_IGNORED_MODULES"):
+        raise _launch_refusal("FSDP_IGNORED_MODULES", env["FSDP_IGNORED_MODULES"], "every trainable parameter must be "
+                              "in a fully_shard unit (an ignored module's gradient would be neither clipped into the "
+                              "shards nor reduced); freeze those modules instead.")
+    return {"reshard_after_forward": _env_flag(env, "FSDP_RESHARD_AFTER_FORWARD", True), "layer_classes": layers}
+
+
+def resolve_fsdp2(fsdp, fsdp_config, env: Mapping[str, str]) -> tuple[dict | None, tuple[str, ...]]:
+    """The FSDP2 settings DPTrainer applies and where they come from: ``"fsdp arguments"`` (the Trainer's, read by
+    :func:`fsdp2_settings`) and/or ``"accelerate launch configuration"`` (its FSDP variables ``env``, read by
+    :func:`accelerate_fsdp2_settings`); ``(None, ())`` when neither asks for FSDP. Both may ask with the same
+    settings; different ones are refused (ValueError)."""
+    from_args = fsdp2_settings(fsdp, fsdp_config)
+    from_env = accelerate_fsdp2_settings(env)
+    if from_args is not None and from_env is not None:
+        def same(s):
+            return s["reshard_after_forward"], None if s["layer_classes"] is None else sorted(s["layer_classes"])
+
+        if same(from_args) != same(from_env):
+            raise ValueError(
+                f"The fsdp arguments ({from_args}) and accelerate launch's FSDP configuration ({from_env}) ask for "
+                "different FSDP2 settings. Give FSDP in one place: drop fsdp / fsdp_config from the arguments, or "
+                "launch without --use_fsdp (torchrun, or accelerate without an FSDP config); or make "
+                "reshard_after_forward and transformer_layer_cls_to_wrap agree."
+            )
+    sources = (("fsdp arguments",) if from_args is not None else ()) + (
+        ("accelerate launch configuration",) if from_env is not None else ())
+    return (from_args if from_args is not None else from_env), sources

@@ -47,9 +47,11 @@ What changes relative to ``Trainer``, and why (all in this file):
   parameter gradients under ghostdp). Parameters are broadcast from rank 0 once, as DDP would.
 
 * **FSDP2.** A model whose blocks and root the user wrapped with ``fully_shard`` under torchrun, or an
-  unsharded model with ``DPTrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})`` (DPTrainer then
-  calls ``fully_shard`` on each block and the root itself, before the engine attaches, so the same arguments
-  work on CPU/gloo, where accelerate would drop FSDP, and on GPU), trains sharded: no broadcast (the shards are consistent already), each
+  unsharded model with ``DPTrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})`` or under
+  ``accelerate launch`` with an FSDP2 configuration (DPTrainer then calls ``fully_shard`` on each block and the
+  root itself, before the engine attaches, so the same settings work on CPU/gloo, where accelerate would drop
+  FSDP, and on GPU; for the launch it sets ``ACCELERATE_USE_FSDP=false`` in the process so accelerate builds no
+  FSDP plugin of its own), trains sharded: no broadcast (the shards are consistent already), each
   rank takes its share of the Poisson batch as above and runs as many physical batches as the busiest rank
   (a short rank runs zero-weighted padding batches: FSDP's forward and backward are collectives), the engine
   reduce-scatters the clipped sums to the shards and noises each shard once (docs/fsdp2.md). Checkpoints
@@ -58,8 +60,8 @@ What changes relative to ``Trainer``, and why (all in this file):
   (its hidden zero-lr ``optimizer.step()`` on a stateless optimizer would count as a DP step). The model
   saved by ``save_model`` is gathered in full on rank 0 (a plain transformers / PEFT checkpoint).
 
-FSDP1, FSDP options DPTrainer cannot honour, accelerate's FSDP config and DeepSpeed: see docs/design.md ("More than one process") and
-docs/fsdp2.md for what is supported and why.
+FSDP1, FSDP options DPTrainer cannot honour (in the arguments or the accelerate launch configuration) and DeepSpeed:
+see docs/design.md ("More than one process") and docs/fsdp2.md for what is supported and why.
 """
 from __future__ import annotations
 
@@ -92,7 +94,12 @@ from ghostdp.engine.fsdp import is_fsdp2
 from ghostdp.engine.loss import TASK_LOSSES, per_example_sequence_loss
 from ghostdp.engine.privacy_engine import PrivacyEngine
 from ghostdp.engine.sampling import PoissonBatchSampler
-from ghostdp.integrations.hf.args import DPTrainingArguments, fsdp2_settings
+from ghostdp.integrations.hf.args import (
+    DPTrainingArguments,
+    accelerate_fsdp_env,
+    resolve_fsdp2,
+    take_over_accelerate_fsdp,
+)
 
 __all__ = ["DPTrainer", "LogicalBatch", "PrivacyBudgetExhaustedError", "PrivacyPlan"]
 
@@ -350,46 +357,83 @@ def _resolve_task_loss(model: nn.Module, per_example_loss, overridden: bool) -> 
     )
 
 
-def _shard_for_fsdp_arguments(model: nn.Module | None, args: DPTrainingArguments, settings: dict) -> nn.Module:
-    """``fully_shard`` every block (``settings["layer_classes"]``, default the model's ``_no_split_modules``),
-    then the root, as the Trainer's FSDP2 arguments ask (:func:`~ghostdp.integrations.hf.args.fsdp2_settings`).
+#: Where each FSDP2 source names the block classes to wrap (for the messages of _shard_for_fsdp_arguments).
+_LAYER_OPTION = {"fsdp arguments": "fsdp_config['transformer_layer_cls_to_wrap']",
+                 "accelerate launch configuration": "fsdp_transformer_layer_cls_to_wrap in the accelerate config"}
 
-    Done by DPTrainer rather than accelerate, so the same arguments shard on CPU (gloo) and GPU alike, and before
+
+def _shard_for_fsdp_arguments(model: nn.Module | None, args: DPTrainingArguments, settings: dict,
+                              sources: tuple[str, ...] = ("fsdp arguments",)) -> nn.Module:
+    """``fully_shard`` every block (``settings["layer_classes"]``, default the model's ``_no_split_modules``),
+    then the root, as the Trainer's FSDP2 arguments or accelerate launch's FSDP2 configuration ask
+    (:func:`~ghostdp.integrations.hf.args.resolve_fsdp2`; ``sources`` names which, for the messages).
+
+    Done by DPTrainer rather than accelerate, so the same settings shard on CPU (gloo) and GPU alike, and before
     the engine attaches; the result is the model a user would have sharded by hand (docs/fsdp2.md).
     """
     from torch.distributed.fsdp import fully_shard
 
+    source = " and ".join(sources)
+    layer_option = " / ".join(_LAYER_OPTION[s] for s in sources)
     if model is None:
-        raise ValueError("fsdp arguments: pass model=... (DPTrainer shards it before training).")
+        raise ValueError(f"{source}: pass model=... (DPTrainer shards it before training).")
     if is_fsdp2(model):
         raise ValueError(
-            "The model is already sharded with fully_shard and the arguments set fsdp as well; it would be wrapped "
-            "twice. Pass either the unsharded model with fsdp arguments (DPTrainer shards it) or the sharded model "
-            "without them."
+            f"The model is already sharded with fully_shard and FSDP is asked for as well ({source}); it would be "
+            "wrapped twice. Pass either the unsharded model (DPTrainer shards it) or the sharded model without fsdp "
+            "arguments and without an accelerate FSDP configuration (launch with torchrun, or accelerate without "
+            "--use_fsdp)."
         )
     args.world_size  # noqa: B018 - sets the process group up under torchrun (accelerate's PartialState)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         raise ValueError(
-            "fsdp arguments but a single process: FSDP shards the model across processes. Launch with torchrun "
-            "(one process per device; on CPU the gloo backend), or drop fsdp to train on one process."
+            f"FSDP ({source}) but a single process: FSDP shards the model across processes. Launch with torchrun "
+            "or accelerate launch (one process per device; on CPU the gloo backend), or drop FSDP to train on one "
+            "process."
         )
     classes = settings["layer_classes"] or list(getattr(model, "_no_split_modules", None) or [])
     if not classes:
         raise ValueError(
-            f"fsdp arguments: {type(model).__name__} names no transformer block class (_no_split_modules); set "
-            "fsdp_config['transformer_layer_cls_to_wrap'] to the class name of its blocks."
+            f"{source}: {type(model).__name__} names no transformer block class (_no_split_modules); set "
+            f"{layer_option} to the class name of its blocks."
         )
     named = [(name, m) for name, m in model.named_modules() if type(m).__name__ in classes and m is not model]
     if not named:
-        raise ValueError(f"fsdp arguments: no module of class {classes} in {type(model).__name__}; set "
-                         "fsdp_config['transformer_layer_cls_to_wrap'] to the class name of its blocks.")
+        raise ValueError(f"{source}: no module of class {classes} in {type(model).__name__}; set {layer_option} "
+                         "to the class name of its blocks.")
     reshard = settings["reshard_after_forward"]
     for _, module in sorted(named, key=lambda item: -item[0].count(".")):  # inner units first; stable otherwise
         fully_shard(module, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
-    logger.info("DPTrainer: fully_shard on %d %s modules and the root (reshard_after_forward=%s), from the fsdp "
-                "arguments", len(named), "/".join(sorted({type(m).__name__ for _, m in named})), reshard)
+    logger.info("DPTrainer: fully_shard on %d %s modules and the root (reshard_after_forward=%s), from the %s",
+                len(named), "/".join(sorted({type(m).__name__ for _, m in named})), reshard, source)
     return model
+
+
+def _keep_accelerate_fsdp_off(args: DPTrainingArguments) -> None:
+    """Under ``accelerate launch`` with an FSDP2 configuration, which DPTrainer honours by sharding the model
+    itself: set ``ACCELERATE_USE_FSDP=false`` for the process, so the Trainer's accelerator builds no FSDP plugin
+    (its FSDP preparation would wrap the model again and reduce the gradients ghostdp replaces), and drop an
+    accelerate state built earlier in the process with FSDP: ``AcceleratorState`` is a process-wide singleton that
+    keeps its plugin, and it writes ``distributed_type=FSDP`` into ``PartialState``'s. The state is reset as
+    ``TrainingArguments`` resets it itself, unless ``accelerator_config.use_configured_state`` asks to keep a
+    pre-built one (then the check after the Trainer is built refuses its FSDP plugin)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if take_over_accelerate_fsdp():
+        logger.info("DPTrainer: set ACCELERATE_USE_FSDP=false for this process: accelerate launch's FSDP2 "
+                    "configuration is applied by DPTrainer (fully_shard on the blocks and the root), so accelerate "
+                    "must not build its own FSDP plugin")
+    stale = (AcceleratorState._shared_state.get("fsdp_plugin") is not None
+             or DistributedType.FSDP in (AcceleratorState._shared_state.get("distributed_type"),
+                                         PartialState._shared_state.get("distributed_type")))
+    if stale and not getattr(args.accelerator_config, "use_configured_state", False):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState(cpu=bool(args.use_cpu), backend=args.ddp_backend)  # as TrainingArguments builds it; an existing
+        # process group is kept, and the arguments' distributed_state shares this state
+        logger.info("DPTrainer: reset an accelerate state built earlier in this process with FSDP (the Trainer "
+                    "builds it again without FSDP)")
 
 
 class DPTrainer(Trainer):
@@ -454,10 +498,14 @@ class DPTrainer(Trainer):
         self._dp_data: tuple[Any, Callable] | None = None
         self._sampling_seed: int | None = None
 
-        fsdp2 = fsdp2_settings(args.fsdp, args.fsdp_config)
+        # FSDP2 from the Trainer's arguments or accelerate launch's configuration: DPTrainer shards the model here
+        # and keeps accelerate's FSDP plugin out (it would wrap the model a second time)
+        fsdp2, sources = resolve_fsdp2(args.fsdp, args.fsdp_config, accelerate_fsdp_env())
+        if "accelerate launch configuration" in sources:
+            _keep_accelerate_fsdp_off(args)
         if fsdp2 is not None:
-            model = _shard_for_fsdp_arguments(model, args, fsdp2)
-            args.fsdp_plugin_args = None  # sharded here: accelerate must not wrap the model a second time
+            model = _shard_for_fsdp_arguments(model, args, fsdp2, sources)
+            args.fsdp_plugin_args = None
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
@@ -466,8 +514,10 @@ class DPTrainer(Trainer):
         )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
-                "DeepSpeed / FSDP is enabled by the accelerate config. DPTrainer does not take it: accelerate's "
-                "gradient reduction is what ghostdp replaces. To shard, launch with torchrun and pass "
+                f"{'DeepSpeed' if self.is_deepspeed_enabled else 'An FSDP plugin'} is enabled in accelerate's state "
+                "(the accelerate config, or an AcceleratorState configured before the Trainer with "
+                "use_configured_state=True). DPTrainer does not take it: accelerate's gradient reduction is what "
+                "ghostdp replaces. To shard, use an FSDP2 accelerate launch configuration or "
                 "DPTrainingArguments(fsdp=True, fsdp_config={'version': 2}) (DPTrainer shards the model itself), or "
                 "wrap the model's blocks and root with torch.distributed.fsdp.fully_shard yourself (docs/fsdp2.md); "
                 "or use data parallel."
