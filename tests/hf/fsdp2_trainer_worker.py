@@ -13,9 +13,18 @@ with their epsilons and logged epsilons, ``full``'s final model as written by sa
 of resuming from a checkpoint whose shards claim another world size. ``args_exact``, ``args_lora`` and
 ``args_resumed`` repeat ``exact``, ``lora`` and ``resumed`` with an unsharded model and the Trainer's FSDP2
 arguments (:data:`FSDP_ARGS`), which DPTrainer honours by sharding the model itself.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/hf/fsdp2_trainer_worker.py OUT_DIR --accelerate FIRST_OUT
+
+is the second launch, whose environment holds the variables ``accelerate launch`` sets for an FSDP2 configuration
+(:func:`accelerate_launch_env` of :data:`ACCELERATE_FSDP2_FLAGS`): ``env_exact``, ``env_lora`` and ``env_resumed``
+repeat ``exact``, ``lora`` and ``resumed`` (from FIRST_OUT's checkpoint) with unsharded models and no fsdp
+arguments; ``env_both`` repeats ``exact`` with the agreeing fsdp arguments as well; ``env_state`` records what
+accelerate's state and the environment look like after each run (OUT_DIR/result_env.pt).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -59,6 +68,30 @@ FSDP_ARGS = {
 }
 
 
+#: An accelerate FSDP2 configuration DPTrainer honours (accelerate launch's flags; a config file's fsdp_* keys).
+ACCELERATE_FSDP2_FLAGS = (
+    "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_reshard_after_forward", "true",
+    "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "false",
+)
+
+
+def accelerate_launch_env(*flags: str) -> dict[str, str]:
+    """``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables that ``accelerate launch --use_fsdp *flags`` gives the
+    processes it starts, computed by accelerate's own launch code (with its defaults for every flag not given)."""
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    parsed = launch_command_parser().parse_args(["--use_fsdp", "--num_processes", "2", "--num_machines", "1",
+                                                 "--mixed_precision", "no", "--dynamo_backend", "no", *flags,
+                                                 "train.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(parsed)[0])
+    return {k: v for k, v in env.items() if k == "ACCELERATE_USE_FSDP" or k.startswith("FSDP_")}
+
+
 def fsdp2_run(output_dir, *, sharded: bool, noise: float, optim: str = "sgd", seed: int = 0,
               resume: str | None = None, save_steps: int | None = None, use_lora: bool = False,
               fsdp_args: str | None = None):
@@ -82,10 +115,44 @@ def fsdp2_run(output_dir, *, sharded: bool, noise: float, optim: str = "sgd", se
     return trainer, gathered(model), trainer.current_epsilon(), logged
 
 
+def accelerate_state() -> dict:
+    """The environment variable and accelerate's process-wide state after a DPTrainer was built."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    return {"ACCELERATE_USE_FSDP": os.environ.get("ACCELERATE_USE_FSDP"),
+            "fsdp_plugin": AcceleratorState._shared_state.get("fsdp_plugin"),
+            "distributed_type": str(PartialState._shared_state.get("distributed_type"))}
+
+
+def accelerate_launch_runs(out: Path, first: Path) -> None:
+    """The second launch: the environment of accelerate launch with an FSDP2 configuration (set by the test)."""
+    from ghostdp.engine.fsdp import is_fsdp2
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("ghostdp.integrations.hf.trainer").setLevel(logging.INFO)  # DPTrainer's INFO lines, checked
+    res = {"world": dist.get_world_size(), "env_state": [], "env_sharded": []}
+    for key, kw in (("env_exact", {"noise": 0.0}), ("env_lora", {"noise": 0.0, "use_lora": True}),
+                    ("env_both", {"noise": 0.0, "fsdp_args": "named"}),
+                    ("env_resumed", {"noise": 0.6, "optim": "adamw_torch", "seed": 1,
+                                     "resume": str(first / "full" / "checkpoint-2")})):
+        trainer, res[key], eps, logged = fsdp2_run(out / key, sharded=False, **kw)
+        res["env_state"].append({**accelerate_state(), "is_fsdp_enabled": trainer.is_fsdp_enabled})
+        res["env_sharded"].append(is_fsdp2(trainer.model))
+        if key == "env_resumed":
+            res["env_resumed_eps"], res["env_resumed_logged"] = eps, logged
+    if dist.get_rank() == 0:
+        torch.save(res, out / "result_env.pt")
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
+    if sys.argv[2:3] == ["--accelerate"]:
+        accelerate_launch_runs(out, Path(sys.argv[3]))
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.exit(0)
     res = {"world": dist.get_world_size()}
     _, res["exact"], _, _ = fsdp2_run(out / "exact", sharded=True, noise=0.0)
     _, res["lora"], _, _ = fsdp2_run(out / "lora", sharded=True, noise=0.0, use_lora=True)

@@ -1,7 +1,9 @@
 """DPTrainer on a model sharded with FSDP2 (fully_shard), 2 CPU ranks over gloo, one torchrun launch.
 
 The worker (tests/hf/fsdp2_trainer_worker.py) trains; this test compares with one unsharded process on the same
-global Poisson batches (noise 0), with the accountant (epsilon), and a resumed run with the uninterrupted one.
+global Poisson batches (noise 0), with the accountant (epsilon), and a resumed run with the uninterrupted one. A
+second launch has the environment of ``accelerate launch`` with an FSDP2 configuration (no fsdp arguments) and is
+compared with the first launch's user-sharded and Trainer-argument runs.
 """
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ from safetensors.torch import load_file
 
 import ghostdp.accounting as acc
 from tests.helpers import tiny_llama
-from tests.hf.fsdp2_trainer_worker import STEPS, N, fsdp2_run
+from tests.hf.fsdp2_trainer_worker import (
+    ACCELERATE_FSDP2_FLAGS,
+    STEPS,
+    N,
+    accelerate_launch_env,
+    fsdp2_run,
+)
 from tests.hf.trainer_helpers import REPO, TRANSFORMERS_4, lora
 
 # On transformers 4.x DPTrainer refuses a sharded model (its Trainer wraps the model in DDP).
@@ -29,17 +37,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(out, *worker_args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(REPO / "tests" / "hf" / "fsdp2_trainer_worker.py"), str(out),
+           *worker_args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "hf" / "fsdp2_trainer_worker.py"), str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _torchrun(out)
     res = torch.load(out / "result.pt", weights_only=True)
     assert res["world"] == 2
     return out, res
+
+
+@pytest.fixture(scope="module")
+def accelerate_launched(sharded, tmp_path_factory):
+    """The worker launched with the variables accelerate launch sets for an FSDP2 configuration."""
+    out = tmp_path_factory.mktemp("fsdp2_accelerate")
+    env = accelerate_launch_env(*ACCELERATE_FSDP2_FLAGS)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    proc = _torchrun(out, "--accelerate", str(sharded[0]), env=env)
+    res = torch.load(out / "result_env.pt", weights_only=True)
+    assert res["world"] == 2
+    return res, proc.stderr
 
 
 def test_fsdp2_equals_one_unsharded_process(sharded, tmp_path):
@@ -111,3 +137,29 @@ def test_fsdp2_trainer_arguments_refused_in_one_process(tmp_path):
     args = make_args(tmp_path, **FSDP_ARGS["default"])
     with pytest.raises(ValueError, match="single process"):
         DPTrainer(model=tiny_llama(True), args=args, train_dataset=make_data(8), data_collator=collator())
+
+
+def test_fsdp2_accelerate_launch_equals_the_other_routes(sharded, accelerate_launched):
+    """accelerate launch with an FSDP2 configuration and no fsdp arguments: DPTrainer shards the unsharded model
+    itself, keeps accelerate's FSDP plugin out, and trains exactly as on the model the user sharded and with the
+    Trainer's FSDP2 arguments (noise 0, full and LoRA; noisy AdamW resumed from the user-sharded run's checkpoint,
+    epsilons included); the fsdp arguments may be given as well when they agree."""
+    _, res = sharded
+    env, log = accelerate_launched
+    pairs = (("env_exact", "exact"), ("env_exact", "args_exact"), ("env_lora", "lora"), ("env_lora", "args_lora"),
+             ("env_both", "exact"), ("env_resumed", "full"), ("env_resumed", "args_resumed"))
+    for ours, theirs in pairs:
+        assert set(env[ours]) == set(res[theirs]), ours
+        for name, p in res[theirs].items():
+            torch.testing.assert_close(env[ours][name], p, rtol=0, atol=0,
+                                       msg=lambda m, o=ours, t=theirs, name=name: f"{o}/{t} {name}: {m}")
+    assert env["env_resumed_eps"] == res["full_eps"]
+    assert env["env_resumed_logged"] == res["full_logged"]
+    assert env["env_sharded"] == [True] * 4
+    # accelerate built no FSDP plugin in any run: the variable was turned off for the process, and said so
+    for state in env["env_state"]:
+        assert state["ACCELERATE_USE_FSDP"] == "false" and state["fsdp_plugin"] is None, state
+        assert not state["is_fsdp_enabled"] and "FSDP" not in state["distributed_type"], state
+    assert log.count("set ACCELERATE_USE_FSDP=false for this process") == 2  # once per rank, at the first run
+    assert "from the accelerate launch configuration" in log
+    assert "from the fsdp arguments and accelerate launch configuration" in log
