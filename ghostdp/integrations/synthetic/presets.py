@@ -30,14 +30,15 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
     first run's timings in its log before relying on it.
 
 ``study-cpu``
-    One cell of ``ghostdp study`` (the fine-tuning method x epsilon grid) sized so that the CPU study
-    ``ghostdp study --preset study-cpu --methods lora,prompt,full --epsilons 1,3,8,inf --seeds 1
-    --method-lr lora=1e-2,prompt=5e-2,full=2e-4 --threads auto`` (12 cells) fits in about an hour on an
-    unshared 2-core CPU: cpu-demo's settings with 12 DP steps of 64 expected examples, 160 samples, a 300-row held-out slice,
-    80 floor samples and 32 perplexity rows, about 4-5 minutes a LoRA or prompt cell; full fine-tuning trains
-    all 135M parameters (top 10 blocks' LoRA in the others) and is the slowest cell. Estimated from cpu-demo's
-    measured stage times, not measured as a whole (bench/results/study_cpu.md says what was run).
-    Prompt tuning: 20 randomly initialised virtual tokens (11,520 parameters on SmolLM2-135M).
+    One cell of ``ghostdp study`` (the fine-tuning method x epsilon grid) for a 2-core CPU: cpu-demo's LoRA
+    placement with the plain prefix "A {label} movie review:\n" and max_length 24, 12 DP steps of 64
+    expected examples, 160 samples, a 300-row held-out slice, 80 floor samples and 32 perplexity rows.
+    Prompt tuning: 20 randomly initialised virtual tokens (11,520 parameters on SmolLM2-135M); full
+    fine-tuning trains all 134.5M parameters. Measured on the project's CPU while it was shared with other
+    jobs (bench/results/study_cpu.md): 7-15 minutes a LoRA cell, 15-18 a prompt cell, 12-17 a full cell, so
+    about an hour holds 4-5 cells (e.g. ``--methods lora,prompt,full --epsilons 3`` and one inf cell) and the
+    whole 12-cell grid ``--methods lora,prompt,full --epsilons 1,3,8,inf --seeds 1 --method-lr
+    lora=1e-2,prompt=5e-2,full=2e-4`` about 2.5-3 hours. ``--summarize-only`` tabulates a grid cut short.
 
 ``study-gpu``
     The full-size study for one GPU, documented, not run: ``ghostdp study --preset study-gpu --methods
