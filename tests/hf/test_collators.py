@@ -78,12 +78,15 @@ def test_chat_template_prefix_is_the_user_turn_and_the_text_the_assistants_reply
     assert list(collator.prefix_ids("positive")) == prefix_ids
     assert tok.convert_ids_to_tokens(prefix_ids[:1]) == ["<|im_start|>"]  # special tokens parsed, not spelled out
     batch = collator(EXAMPLES)
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert collator.eos_token_id == end_of_turn  # the chat format's stop, whatever tok.eos_token says
     for i, ex in enumerate(EXAMPLES):
         p_ids = tok(template.prefix_text(ex["label"], tok), add_special_tokens=False)["input_ids"]
-        # The reply ends with the end-of-turn token, which is SmolLM2-Instruct's EOS: scored, so it learns to stop.
-        check_row(batch, i, p_ids, tok(ex["text"], add_special_tokens=False)["input_ids"], tok.eos_token_id,
-                  tok.pad_token_id)
-    assert tok.eos_token == "<|im_end|>"
+        # The reply ends with the end-of-turn token: scored, so the model learns to stop there.
+        check_row(batch, i, p_ids, tok(ex["text"], add_special_tokens=False)["input_ids"], end_of_turn,
+                  collator.pad_token_id)
+    # transformers 4.57 reads this GGUF with eos_token '<|im_start|>'; the plain-prefix collator keeps that EOS.
+    assert PrefixLMCollator(tok).eos_token_id == tok.eos_token_id
     # system=None: the chat template's own default system message; labels still get distinct prefixes.
     default = PromptTemplate("Write a {label} review.", chat=True, system=None)
     assert "SmolLM" in default.prefix_text("negative", tok)

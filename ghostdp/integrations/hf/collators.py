@@ -104,6 +104,9 @@ class PrefixLMCollator:
                 "the model learns to stop. Set tokenizer.eos_token (e.g. to the model's end-of-turn token)."
             )
         self.eos_token_id: int = int(eos)
+        end_of_turn = self.config.template.end_of_turn_id(tokenizer)
+        if end_of_turn is not None:  # a chat template: a reply ends with its end-of-turn token
+            self.eos_token_id = end_of_turn
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id: int = int(pad) if pad is not None else self.eos_token_id
         self.bos_token_id: int | None = None

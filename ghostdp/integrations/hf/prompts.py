@@ -85,6 +85,25 @@ class PromptTemplate:
         messages.append({"role": "user", "content": self.prefix(label)})
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def end_of_turn_id(self, tokenizer) -> int | None:
+        """With ``chat``: the token that ends an assistant turn in the tokenizer's chat template, found by
+        rendering a reply and reading the first token after it (SmolLM2: ``<|im_end|>``); None without
+        ``chat`` or when the template writes nothing after a reply. The collator ends texts with it, so the
+        model learns the chat format's own stop (a tokenizer's ``eos_token`` need not be it: transformers
+        4.57 reads SmolLM2's GGUF with ``eos_token="<|im_start|>"``)."""
+        if not self.chat:
+            return None
+        marker = "\u2063ghostdp-reply\u2063"
+        messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+        messages += [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}]
+        self.prefix_text("x", tokenizer)  # the same refusal when there is no chat template
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        at = rendered.find(marker)
+        if at < 0:
+            return None
+        ids = tokenizer(rendered[at + len(marker):], add_special_tokens=False)["input_ids"]
+        return int(ids[0]) if ids else None
+
     def prefixes(self, labels: tuple[str, ...] | list[str]) -> dict[str, str]:
         """``{label: prefix}`` for each label; raises if two labels would share a prefix."""
         out = {label: self.prefix(label) for label in labels}
