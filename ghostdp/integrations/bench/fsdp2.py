@@ -47,7 +47,7 @@ from ghostdp.integrations.bench.engines import (
     NON_PRIVATE,
     parse_engine,
 )
-from ghostdp.integrations.bench.results import environment, format_bytes
+from ghostdp.integrations.bench.results import environment, format_bytes, timing_cells
 
 log = logging.getLogger(__name__)
 
@@ -367,10 +367,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         peaks = ", ".join(format_bytes(p) for p in r["peak_bytes_per_rank"]) or "-"
         lines.append(
-            f"| {r['engine']} | {_fmt(r['step_min_s'], '.3f')} / {_fmt(r['step_median_s'], '.3f')} "
-            f"| {_fmt(r['time_ratio_min'], '.2f')} / {_fmt(r['time_ratio_median'], '.2f')} "
-            f"| {_fmt(r['cpu_min_s'], '.3f')} / {_fmt(r['cpu_median_s'], '.3f')} "
-            f"| {_fmt(r['cpu_ratio_min'], '.2f')} / {_fmt(r['cpu_ratio_median'], '.2f')} | {r['n_steps']} "
+            f"| {r['engine']} {timing_cells(r)}| {r['n_steps']} "
             f"| {peaks} | {_fmt(r['memory_ratio'], '.3f')} | {r['status']} |")
     checks = goals(result["rows"])
     if checks:

@@ -216,6 +216,14 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def timing_cells(r: dict) -> str:
+    """A result row's four timing columns: wall s min / median, x np, CPU s min / median, x np."""
+    return (f"| {_fmt(r['step_min_s'], '.3f')} / {_fmt(r['step_median_s'], '.3f')} "
+            f"| {_fmt(r['time_ratio_min'], '.2f')} / {_fmt(r['time_ratio_median'], '.2f')} "
+            f"| {_fmt(r.get('cpu_min_s'), '.3f')} / {_fmt(r.get('cpu_median_s'), '.3f')} "
+            f"| {_fmt(r.get('cpu_ratio_min'), '.2f')} / {_fmt(r.get('cpu_ratio_median'), '.2f')} ")
+
+
 def markdown(result: dict, *, title: str = "ghostdp vs non-private vs Opacus") -> str:
     """The result as Markdown: each run's environment, one table, the goals."""
     lines = [f"# {title}", ""]
@@ -256,10 +264,7 @@ def markdown(result: dict, *, title: str = "ghostdp vs non-private vs Opacus") -
             f"{r['max_batch'] if r['max_batch'] is not None else 'none'} @ {format_bytes(r['max_batch_budget_bytes'])}")
         lines.append(
             f"| {r['case']} | {r['engine']} | {label.get(r['run'], r['run'])} | {_fmt(r['trainable'], ',')} "
-            f"| {_fmt(r['step_min_s'], '.3f')} / {_fmt(r['step_median_s'], '.3f')} "
-            f"| {_fmt(r['time_ratio_min'], '.2f')} / {_fmt(r['time_ratio_median'], '.2f')} "
-            f"| {_fmt(r.get('cpu_min_s'), '.3f')} / {_fmt(r.get('cpu_median_s'), '.3f')} "
-            f"| {_fmt(r.get('cpu_ratio_min'), '.2f')} / {_fmt(r.get('cpu_ratio_median'), '.2f')} | {r['n_steps']} "
+            f"{timing_cells(r)}| {r['n_steps']} "
             f"| {format_bytes(r['peak_bytes'])} | {_fmt(r['memory_ratio'], '.3f')} | {mb} | {r['status']} |")
     checks = goals(result["rows"])
     if checks:
