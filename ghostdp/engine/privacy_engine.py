@@ -50,18 +50,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ghostdp import kernels
 from ghostdp.engine import fsdp
-from ghostdp.engine.errors import (
-    BatchMismatchError,
-    UnclippedGradientError,
-    UnsupportedModuleError,
-)
-from ghostdp.engine.grads import (
-    Dense,
-    Factored,
-    PerExampleGrad,
-    compute_dtype,
-    summed_norm2,
-)
+from ghostdp.engine.errors import BatchMismatchError, UnclippedGradientError, UnsupportedModuleError
+from ghostdp.engine.grads import Dense, Factored, PerExampleGrad, compute_dtype, summed_norm2
 from ghostdp.engine.layers import rule_for
 from ghostdp.engine.layers.lora import check_peft_model
 from ghostdp.engine.layers.prompt import attach_prompt_tuning
@@ -558,6 +548,34 @@ class PrivacyEngine:
         ctx, self._ctx = self._ctx, _BackwardContext()
         if not ctx.uses:
             return
+        norms, factors = self._clip_factors(ctx)
+        for p in ctx.uses:
+            self._check_grad(p, "before the engine added this backward's clipped sum to it")
+        for p in self._all_names:  # autograd wrote a parameter the engine does not clip (unfrozen after attach)
+            if p.grad is not None and p.requires_grad and p not in self._names:
+                self._refuse_unclipped_model_grad(p, "at the end of backward")
+        if self._fsdp is not None:  # FSDP2: every parameter's clipped sum is reduce-scattered to its shards
+            # add_clipped_sums pops each parameter's pieces once reduced, so the book-keeping shrinks while the
+            # layer-sized buffers come and go (nothing else here holds the pieces: see _clip_factors).
+            self._fsdp.add_clipped_sums(ctx.uses, factors, self._impl_for, self._mark_written)
+            ctx.uses = {}
+        for p, uses in ctx.uses.items():
+            # A parameter without a gradient gets a fresh one that its first use writes (no zero-fill and
+            # add); later uses, and later physical batches of the step, accumulate into it.
+            accumulate = p.grad is not None
+            if not accumulate:
+                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+            for u in uses:
+                u.add_clipped_sum_(factors.to(u.device()), p.grad, self._impl_for(u), accumulate=accumulate)
+                accumulate = True
+            self._mark_written(p)
+        self.per_sample_norms = norms
+
+    def _clip_factors(self, ctx: _BackwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norms, factors), each (B,): the per-example gradient norms over every clipped parameter and the
+        clip factors c_i (times B under loss_reduction="mean"). A function of its own, so the references to
+        per-example pieces it takes while grouping them are gone when it returns (FSDP2 frees the pieces
+        parameter by parameter afterwards)."""
         B = ctx.batch_size
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         first = next(iter(ctx.uses.values()))[0]
@@ -578,29 +596,7 @@ class PrivacyEngine:
                 norm2 += n2.to(device, dtype)
         norms = norm2.sqrt() * scale
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale  # c_i, times the "mean" undo
-        for p in ctx.uses:
-            self._check_grad(p, "before the engine added this backward's clipped sum to it")
-        for p in self._all_names:  # autograd wrote a parameter the engine does not clip (unfrozen after attach)
-            if p.grad is not None and p.requires_grad and p not in self._names:
-                self._refuse_unclipped_model_grad(p, "at the end of backward")
-        if self._fsdp is not None:  # FSDP2: every parameter's clipped sum is reduce-scattered to its shards
-            # add_clipped_sums pops each parameter's pieces once reduced, so the book-keeping shrinks while the
-            # layer-sized buffers come and go; no other reference may keep the pieces alive meanwhile.
-            same_input.clear()
-            first = uses = group = None
-            self._fsdp.add_clipped_sums(ctx.uses, factors, self._impl_for, self._mark_written)
-            ctx.uses = {}
-        for p, uses in ctx.uses.items():
-            # A parameter without a gradient gets a fresh one that its first use writes (no zero-fill and
-            # add); later uses, and later physical batches of the step, accumulate into it.
-            accumulate = p.grad is not None
-            if not accumulate:
-                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-            for u in uses:
-                u.add_clipped_sum_(factors.to(u.device()), p.grad, self._impl_for(u), accumulate=accumulate)
-                accumulate = True
-            self._mark_written(p)
-        self.per_sample_norms = norms
+        return norms, factors
 
     def _resolved_impl(self, grad: PerExampleGrad) -> str:
         """"triton" or "torch" for this use. Kernels serve linear weights (``Factored``); the other forms
