@@ -75,6 +75,11 @@ class PromptTemplate:
         """
         if not self.chat:
             return self.prefix(label)
+        return self._render_chat(tokenizer, [{"role": "user", "content": self.prefix(label)}],
+                                 add_generation_prompt=True)
+
+    def _render_chat(self, tokenizer, turns: list[dict], *, add_generation_prompt: bool) -> str:
+        """``turns`` after the system message (if any) through the tokenizer's chat template, as a string."""
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 f"PromptTemplate(chat=True): {type(tokenizer).__name__} has no chat template, so there is no "
@@ -82,8 +87,8 @@ class PromptTemplate:
                 "chat=False (train.chat_template=false) for a plain prefix."
             )
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
-        messages.append({"role": "user", "content": self.prefix(label)})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages + turns, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False)
 
     def end_of_turn_id(self, tokenizer) -> int | None:
         """With ``chat``: the token that ends an assistant turn in the tokenizer's chat template, found by
@@ -94,10 +99,8 @@ class PromptTemplate:
         if not self.chat:
             return None
         marker = "\u2063ghostdp-reply\u2063"
-        messages = [] if self.system is None else [{"role": "system", "content": self.system}]
-        messages += [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}]
-        self.prefix_text("x", tokenizer)  # the same refusal when there is no chat template
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        rendered = self._render_chat(tokenizer, [{"role": "user", "content": "x"},
+                                                 {"role": "assistant", "content": marker}], add_generation_prompt=False)
         at = rendered.find(marker)
         if at < 0:
             return None
