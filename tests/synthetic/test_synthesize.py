@@ -328,3 +328,32 @@ def test_a_chat_template_generator_is_rebuilt_from_its_metadata_with_the_prefix_
     # Metadata written before the option existed rebuilds the plain prefix.
     old = {k: v for k, v in info.items() if k not in ("chat_template", "system_prompt")}
     assert make_collator(smollm_tokenizer, old).prefix_ids("positive") == plain.prefix_ids("positive")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_shared_prefix_cache_samples_the_same_tokens_as_an_uncached_generate(method, tokenizer, collator):
+    # generate_batch computes the common prefix once and repeats its cache over the rows; with the same seed,
+    # the sampled rows must be those of a plain generate() that runs the prefix of every row.
+    from transformers import GenerationConfig
+
+    from ghostdp.integrations.synthetic.synthesize import _shared_prefix_cache
+
+    model = _trained_like(method, tokenizer)
+    prefix = collator.prefix_ids("negative")
+    cfg = SynthesizeConfig(temperature=1.0, top_p=0.9, max_new_tokens=7)
+    got = generate_batch(model, prefix, n=5, config=cfg, eos_token_id=collator.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, seed=11, device=torch.device("cpu"))
+    ids = torch.tensor([list(prefix)] * 5)
+    assert _shared_prefix_cache(model, ids) is not None  # the path under test is taken
+    gen_config = GenerationConfig(do_sample=True, temperature=1.0, top_p=0.9, top_k=None, max_new_tokens=7,
+                                  eos_token_id=collator.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(11)
+        plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
+    want = []
+    for row in plain[:, ids.shape[1]:].tolist():
+        eos = collator.eos_token_id in row
+        want.append((tokenizer.decode(row[: row.index(collator.eos_token_id)] if eos else row,
+                                      skip_special_tokens=True), eos))
+    assert got == want
+    assert len(set(got)) > 1  # the rows really were sampled, not one argmax repeated
