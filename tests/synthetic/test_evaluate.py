@@ -86,6 +86,31 @@ def test_heldout_perplexity_scores_text_and_eos_only(make_word_tokenizer):
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-9) and got["rows"] == 3
 
 
+def test_perplexity_of_a_raw_prompt_tuned_model_equals_the_apps_hooked_one(make_word_tokenizer):
+    # PEFT prompt tuning returns logits for its virtual positions too; with or without the app's hook that drops
+    # them, each logit must predict the token after its own input position. Any other extra width is refused.
+    import copy
+
+    from peft import PromptTuningConfig, get_peft_model
+
+    from ghostdp.integrations.hf.models import input_position_logits
+    from ghostdp.integrations.synthetic.pipeline import drop_virtual_logits
+
+    tok = make_word_tokenizer(POS + NEG + FILLER + ["[", "][", "]:", "sst2"] + list(NAMES), pad=True)
+    collator = PrefixLMCollator(tok, CollatorConfig(max_length=32))
+    torch.manual_seed(0)
+    raw = get_peft_model(tiny_llama(True, vocab=len(tok), dtype=torch.float32, seed=1),
+                         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    hooked = copy.deepcopy(raw)
+    drop_virtual_logits(hooked, 4)
+    data = LabelledTexts(["good film", "the plot was dull and boring"], ["positive", "negative"], NAMES)
+    want = heldout_perplexity(hooked, collator, data, batch_size=2, show_progress=False)
+    got = heldout_perplexity(raw, collator, data, batch_size=2, show_progress=False)
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6) and got["tokens"] == want["tokens"]
+    with pytest.raises(ValueError, match="logits for 9 positions for 7 input tokens"):
+        input_position_logits(raw, torch.zeros(1, 9, 5), 7)
+
+
 # ----------------------------------------------------------------------------------------------------
 # DP-on-real baselines
 # ----------------------------------------------------------------------------------------------------

@@ -110,6 +110,33 @@ def test_log_likelihoods_match_the_training_loss_and_ignore_batching(separable_m
     np.testing.assert_allclose(ll, one_by_one, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_peft_generators_score_what_their_training_forward_scores(method, separable_model, collator):
+    """LoRA runs the label prefix once from the cache; prompt tuning (virtual tokens prepended in every forward)
+    runs prefix + text per row. Both equal minus the summed training loss of prefix(y) + x + EOS."""
+    import copy
+
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    from ghostdp.integrations.synthetic.label_scoring import _caches_prefix
+
+    torch.manual_seed(4)
+    config = (LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+              if method == "lora" else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model = get_peft_model(copy.deepcopy(separable_model), config).eval()
+    assert _caches_prefix(model) == (method == "lora")
+    texts = ["good film", "awful dull boring movie the plot", "superb"]
+    ll = LabelScorer(model, collator, LABELS, batch_size=2).log_likelihoods(texts)
+    with torch.no_grad():
+        for k, label in enumerate(LABELS):
+            batch = collator([{"text": t, "label": label} for t in texts])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning: drop the virtual tokens' positions
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
+                                  reduction="none").sum(1)
+            np.testing.assert_allclose(ll[:, k], -nll.numpy(), rtol=1e-5, atol=1e-4)
+
+
 def test_every_label_scores_the_same_cut_text_without_eos(separable_model, tokenizer, collator):
     """A text longer than the budget is cut to the same tokens under each label, and gets no EOS."""
     scorer = LabelScorer(separable_model, collator, LABELS, max_text_tokens=3)

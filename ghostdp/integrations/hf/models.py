@@ -116,3 +116,21 @@ def drop_gguf_marker(model) -> bool:
         return False
     quantizer.remove_quantization_config(model)  # transformers' own undo: quantizer, config entry, is_quantized
     return True
+
+
+def input_position_logits(model: torch.nn.Module, logits: torch.Tensor, n_inputs: int) -> torch.Tensor:
+    """``logits`` (B, T', V) cut to the T = ``n_inputs`` positions of the input ids, (B, T, V).
+
+    A PEFT prompt-tuned model prepends its n virtual tokens and returns (B, n + T, V) logits (the app's own
+    models drop them in a forward hook, ``pipeline.drop_virtual_logits``); a raw one given by a caller would
+    pair the virtual positions with the input tokens without any error. Raises ValueError for any other shape.
+    """
+    extra = logits.shape[1] - n_inputs
+    if extra == 0:
+        return logits
+    peft_config = getattr(model, "active_peft_config", None)
+    if extra > 0 and getattr(peft_config, "num_virtual_tokens", None) == extra:
+        return logits[:, extra:]
+    raise ValueError(f"the model returned logits for {logits.shape[1]} positions for {n_inputs} input tokens "
+                     f"(prompt-learning virtual tokens: {getattr(peft_config, 'num_virtual_tokens', None)}): cannot "
+                     "tell which logit predicts which token. Pass a causal LM whose logits follow its input ids.")

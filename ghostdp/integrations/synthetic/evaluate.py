@@ -86,6 +86,8 @@ def heldout_perplexity(
     texts weigh more, as in language-model evaluation). The prefix is given, not predicted: it is the
     same for every row of a label and would flatter the figure.
     """
+    from ghostdp.integrations.hf.models import input_position_logits
+
     if len(data) == 0:
         raise ValueError("heldout_perplexity: no rows.")
     device = device if device is not None else next(model.parameters()).device
@@ -95,7 +97,7 @@ def heldout_perplexity(
     for s in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=not show_progress):
         batch = collator([rows[i] for i in order[s:s + batch_size]])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        logits = input_position_logits(model, model(input_ids=ids, attention_mask=mask).logits, ids.shape[1])  # (B, T, V)
         labels = batch["labels"].to(device)[:, 1:]  # (B, T-1): position t predicts t+1
         shifted = logits[:, :-1]
         if shifted.dtype in (torch.float16, torch.bfloat16):  # a log-softmax over the vocabulary needs fp32

@@ -126,33 +126,68 @@ class LabelScorer:
 
     @torch.inference_mode()
     def log_likelihoods(self, texts: Sequence[str]) -> np.ndarray:
-        """Shape (len(texts), K): summed log-probabilities of each text's scored tokens under each label."""
+        """Shape (len(texts), K): summed log-probabilities of each text's scored tokens under each label.
+
+        Every row of a batch has the same label prefix, so a model with a key/value cache runs the prefix
+        once (batch 1) and only the text tokens per row; a prompt-tuned PEFT model (whose forward prepends
+        its virtual tokens) and a model without a cache get the whole ``prefix + text`` per row. The two
+        ways agree to float rounding (tests/synthetic/test_label_scoring.py).
+        """
         texts = list(texts)
         out = np.zeros((len(texts), len(self.label_names)), dtype=np.float64)
         if not texts:
             return out
         text_ids = self._text_ids(texts)
         order = sorted(range(len(texts)), key=lambda i: len(text_ids[i]))  # similar lengths share a batch
-        pad = self.collator.pad_token_id
+        shared = _caches_prefix(self.model)
         steps = [(k, s) for k in range(len(self.label_names)) for s in range(0, len(order), self.batch_size)]
         for k, s in tqdm(steps, desc="label scoring", unit="batch", disable=not self.show_progress):
             prefix = list(self.collator.prefix_ids(self.label_names[k]))
             rows = order[s:s + self.batch_size]
-            seqs = [prefix + text_ids[i] for i in rows]
-            width = max(len(q) for q in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # (b, T)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (b, T)
-            scored = torch.zeros((len(seqs), width), dtype=torch.bool)  # (b, T): positions whose token is scored
-            for j, q in enumerate(seqs):
-                ids[j, :len(q)] = torch.tensor(q)
-                mask[j, :len(q)] = 1
-                scored[j, len(prefix):len(q)] = True
-            ids, mask, scored = ids.to(self.device), mask.to(self.device), scored.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (b, T-1, V)
-            logp = F.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, T-1)
-            total = (logp * scored[:, 1:]).sum(dim=1)  # position t predicts token t + 1
-            out[rows, k] = total.double().cpu().numpy()
+            score = self._score_after_prefix if shared else self._score_whole
+            out[rows, k] = score(prefix, [text_ids[i] for i in rows]).double().cpu().numpy()
         return out
+
+    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and attention mask, both (b, T)."""
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), self.collator.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, q in enumerate(seqs):
+            ids[j, :len(q)] = torch.tensor(q)
+            mask[j, :len(q)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _score_whole(self, prefix: list[int], texts: list[list[int]]) -> torch.Tensor:
+        """(b,) summed log-probabilities of the texts' tokens, running ``prefix + text`` for every row."""
+        ids, mask = self._padded([prefix + t for t in texts])  # (b, T)
+        scored = mask.bool().clone()
+        scored[:, :len(prefix)] = False  # only the text tokens (and their EOS) are scored
+        from ghostdp.integrations.hf.models import input_position_logits
+
+        logits = input_position_logits(self.model, self.model(input_ids=ids, attention_mask=mask).logits, ids.shape[1])
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, T-1)
+        return (logp * scored[:, 1:]).sum(dim=1)  # position t predicts token t + 1
+
+    def _score_after_prefix(self, prefix: list[int], texts: list[list[int]]) -> torch.Tensor:
+        """As :meth:`_score_whole`, with the prefix run once and its cache repeated over the rows."""
+        from transformers import DynamicCache
+
+        from ghostdp.integrations.synthetic.synthesize import _GENERATE_CACHE_KW
+
+        cache = DynamicCache()
+        head = torch.tensor([prefix], dtype=torch.long, device=self.device)  # (1, P)
+        first = self.model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True,
+                           **{_GENERATE_CACHE_KW: cache}).logits[:, -1].float()  # (1, V): predicts text token 0
+        ids, mask = self._padded(texts)  # (b, T)
+        cache.batch_repeat_interleave(ids.shape[0])
+        full_mask = torch.cat([torch.ones((ids.shape[0], len(prefix)), dtype=mask.dtype, device=mask.device), mask], 1)
+        logits = self.model(input_ids=ids, attention_mask=full_mask, use_cache=True,
+                            **{_GENERATE_CACHE_KW: cache}).logits[:, :-1].float()  # (b, T-1, V)
+        logits = torch.cat([first.expand(ids.shape[0], 1, -1), logits], dim=1)  # (b, T, V): position t -> token t
+        logp = F.log_softmax(logits, dim=-1).gather(-1, ids[:, :, None]).squeeze(-1)  # (b, T)
+        return (logp * mask).sum(dim=1)
+
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         """``argmax_y log p(text | prefix(y))`` per text (ties go to the first label)."""
@@ -166,6 +201,17 @@ class LabelScorer:
             raise ValueError(f"LabelScorer.margins: labels {unknown} are not among {self.label_names}.")
         index = [self.label_names.index(label) for label in labels]
         return margins(self.log_likelihoods(texts), index)
+
+
+def _caches_prefix(model: torch.nn.Module) -> bool:
+    """Whether ``model`` can score texts after a cached prefix: a Hugging Face causal LM with a key/value cache
+    that is not a PEFT prompt-learning model (those prepend virtual tokens in every forward)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    config = getattr(model, "config", None)
+    return bool(config is not None and getattr(config, "use_cache", False)
+                and not getattr(config, "is_encoder_decoder", False))
 
 
 @dataclass
