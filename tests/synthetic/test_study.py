@@ -31,7 +31,7 @@ class FakeRunner:
         self.calls: list[tuple] = []
         self.fail_on = fail_on
 
-    def __call__(self, config, run_dir, *, show_progress=True):
+    def __call__(self, config, run_dir, *, show_progress=True, shared=None):
         t = config.train
         key = (t.method, t.target_epsilon, Path(run_dir).name)
         if key == self.fail_on:
@@ -179,6 +179,12 @@ def test_tiny_study_prompt_and_not_private_cells(tmp_path, tiny_config):
     assert not (nonpriv / "report.md").exists()  # no report claiming a guarantee
     for row in summary["rows"]:
         assert row["accuracy_synthetic"]["n"] == 1 and row["perplexity"]["mean"] > 1
+    # The cells share one floor (sampled once, under <study>/shared) and so one floor accuracy.
+    floors = sorted((root / "shared").glob("floor-*"))
+    assert len(floors) == 1 and not (private / "floor").exists() and not (nonpriv / "floor").exists()
+    cells = summary["cells"]
+    assert cells[0]["accuracy_prior_floor"] == cells[1]["accuracy_prior_floor"] is not None
+    assert all(c["accuracy_generator_classifier"] is not None and c["timings"]["train_s"] >= 0 for c in cells)
 
     # The prompt-tuned generator reloads from its folder (adapter over the base; virtual-position logits dropped).
     from ghostdp.integrations.synthetic.synthesize import load_generator

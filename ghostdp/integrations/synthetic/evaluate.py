@@ -277,8 +277,12 @@ def evaluate_synthetic(
 
 
 def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: dict[str, int],
-                   show_progress: bool) -> LabelledTexts | None:
-    """Samples from the un-finetuned model: same prompts, sampling and label shares as the synthetic set."""
+                   show_progress: bool, shared: Any | None = None) -> LabelledTexts | None:
+    """Samples from the un-finetuned model: same prompts, sampling and label shares as the synthetic set.
+
+    With ``shared`` (a ``shared_eval.SharedEvaluation``) the samples go to its folder for this recipe, and a
+    floor made there by an earlier run is reused with the label counts it was made with.
+    """
     from ghostdp.integrations.synthetic.synthesize import (
         JSONL,
         META,
@@ -298,6 +302,18 @@ def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: di
     targets = label_targets(gen.label_names, n, per_label=False, proportions=proportions)
     info = {"model_id": f"base:{gen.info['base_model']}", "base_model": gen.info["base_model"], "finetuned": False,
             "privacy": None, "data": None}
+    folder = paths.floor
+    if shared is not None:
+        folder = shared.floor_dir({
+            "base_model": gen.info["base_model"], "labels": list(gen.label_names), "n": n,
+            "prefixes": {label: list(gen.collator.prefix_ids(label)) for label in gen.label_names},
+            "max_length": gen.collator.config.max_length, "sampling": dataclasses.asdict(config.synthesize),
+        })
+        made = shared.floor_targets(folder)
+        if made is not None and made != dict(targets):
+            logger.info("Reusing the shared floor %s (label counts %s; this run's shares would give %s)", folder,
+                        made, dict(targets))
+        targets = made or targets
     from ghostdp.integrations.synthetic.label_scoring import margin_filter_for
 
     with gen.base_model() as base:
@@ -306,22 +322,24 @@ def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: di
         base_filter = margin_filter_for(gen, config.synthesize.filter_margin, model=base)
 
         def run():
-            synthesize(base, gen.tokenizer, gen.collator, gen.label_names, config.synthesize, paths.floor,
+            synthesize(base, gen.tokenizer, gen.collator, gen.label_names, config.synthesize, folder,
                        targets=targets, model_info=info, device=gen.device, show_progress=show_progress,
                        sample_filter=base_filter)
 
         try:
             run()
         except ResumeMismatchError:  # made with other sampling parameters: public and cheap, so start over
-            logger.info("%s was sampled with other settings; regenerating the floor", paths.floor)
+            logger.info("%s was sampled with other settings; regenerating the floor", folder)
             for name in (JSONL, META):
-                (paths.floor / name).unlink(missing_ok=True)
+                (folder / name).unlink(missing_ok=True)
             run()
-    rows = read_synthetic(paths.floor / JSONL)
-    return synthetic_texts_from_rows(rows, gen.label_names, str(paths.floor))
+    rows = read_synthetic(folder / JSONL)
+    return synthetic_texts_from_rows(rows, gen.label_names, str(folder))
 
 
-def _perplexities(config: RunConfig, gen: Any, heldout: LabelledTexts, show_progress: bool) -> dict[str, Any]:
+def _perplexities(config: RunConfig, gen: Any, heldout: LabelledTexts, show_progress: bool,
+                  shared: Any | None = None) -> dict[str, Any]:
+    """Held-out perplexity of the fine-tuned and the base model (the base figure kept in ``shared``)."""
     from ghostdp.integrations.synthetic.synthesize import make_collator
 
     n = config.evaluate.perplexity_rows
@@ -332,9 +350,17 @@ def _perplexities(config: RunConfig, gen: Any, heldout: LabelledTexts, show_prog
     collator = make_collator(gen.tokenizer, {**gen.info, "max_length": max(256, int(gen.info["max_length"]))})
     out = {"finetuned": heldout_perplexity(gen.model, collator, rows, device=gen.device, show_progress=show_progress,
                                            desc="perplexity (fine-tuned)")}
-    with gen.base_model() as base:
-        out["base"] = heldout_perplexity(base, collator, rows, device=gen.device, show_progress=show_progress,
-                                         desc="perplexity (base)")
+    key = None if shared is None else shared.text_key(gen.info["base_model"], rows.texts, rows.labels,
+                                                       [list(collator.prefix_ids(x)) for x in gen.label_names],
+                                                       collator.config.max_length)
+    if key is not None and key in shared.base_perplexity:
+        out["base"] = shared.base_perplexity[key]
+    else:
+        with gen.base_model() as base:
+            out["base"] = heldout_perplexity(base, collator, rows, device=gen.device, show_progress=show_progress,
+                                             desc="perplexity (base)")
+        if key is not None:
+            shared.base_perplexity[key] = out["base"]
     logger.info("Held-out perplexity: fine-tuned %.3f, base %.3f (%d tokens)", out["finetuned"]["perplexity"],
                 out["base"]["perplexity"], out["finetuned"]["tokens"])
     return out
@@ -377,9 +403,25 @@ def _memorization_section(mem: Any, k: int = 5) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool = True) -> EvaluationResult:
-    """Evaluate ``paths.synthetic`` (written by the synthesize step) and write the run report."""
+def make_embedder(config: RunConfig, show_progress: bool, shared: Any | None = None) -> Any:
+    """The MiniLM embedder of the evaluation (``shared``'s memoising one when given)."""
     from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
+
+    device = "cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu"
+
+    def make() -> Any:
+        return MiniLMEmbedder(EmbedderConfig(device=device, show_progress=show_progress))
+
+    return make() if shared is None else shared.get_embedder(make)
+
+
+def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool = True,
+                 shared: Any | None = None) -> EvaluationResult:
+    """Evaluate ``paths.synthetic`` (written by the synthesize step) and write the run report.
+
+    ``shared``: a ``shared_eval.SharedEvaluation`` whose embeddings, base perplexity and floor the runs of
+    one study reuse (none: everything computed here).
+    """
     from ghostdp.integrations.synthetic.report import write_run_report
     from ghostdp.integrations.synthetic.run_folder import (
         check_fingerprint,
@@ -433,10 +475,9 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         training = gen.info["training"]
     private = LabelledTexts(private.texts, private.labels, names, source=private.source)
 
-    floor = _floor_samples(config, paths, gen, syn_meta["counts"], show_progress)
-    ppl = _perplexities(config, gen, heldout, show_progress)
-    device = "cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu"
-    embedder = MiniLMEmbedder(EmbedderConfig(device=device, show_progress=show_progress))
+    floor = _floor_samples(config, paths, gen, syn_meta["counts"], show_progress, shared)
+    ppl = _perplexities(config, gen, heldout, show_progress, shared)
+    embedder = make_embedder(config, show_progress, shared)
     privacy = gen.info["privacy"]
     from ghostdp.integrations.synthetic import eval_rows
 

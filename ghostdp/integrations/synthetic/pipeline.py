@@ -515,14 +515,18 @@ def synthesize_step(
 
 def evaluate_step(
     config: RunConfig, run_dir: str | Path, *, generator: LoadedGenerator | None = None, show_progress: bool = True,
+    shared: Any | None = None,
 ):
-    """Evaluate ``run_dir/synthetic`` against real held-out data; writes the run report."""
+    """Evaluate ``run_dir/synthetic`` against real held-out data; writes the run report.
+
+    ``shared``: a ``shared_eval.SharedEvaluation`` that the runs of one study or ``--seeds`` repetition
+    share (embeddings, base perplexity, floor samples)."""
     from ghostdp.integrations.synthetic.evaluate import evaluate_run
 
     paths = RunPaths(Path(run_dir))
     with lock_run_folder(paths.root, "evaluate"):
         gen = _generator(paths, config, generator)
-        result = evaluate_run(config, paths, gen, show_progress=show_progress)
+        result = evaluate_run(config, paths, gen, show_progress=show_progress, shared=shared)
         record_config(config, paths, gen.info)
         return result
 
@@ -554,13 +558,13 @@ def write_config(config: RunConfig, run_dir: str | Path) -> Path:
     return record_config(config, RunPaths(Path(run_dir)))
 
 
-def run_pipeline(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True):
+def run_pipeline(config: RunConfig, run_dir: str | Path, *, show_progress: bool = True, shared: Any | None = None):
     """Train (or reuse this folder's generator if it was trained with the same settings), synthesize, evaluate.
 
     Every input (private and held-out data, the folder's settings) is checked before the first expensive
     step. Re-running the same command after an interruption continues: a finished generator is reused
     (never retrained: that would spend privacy again), interrupted training resumes from its last
-    checkpoint, synthesis resumes, evaluation runs again.
+    checkpoint, synthesis resumes, evaluation runs again. ``shared``: see :func:`evaluate_step`.
     """
     paths = RunPaths(Path(run_dir))
     with lock_run_folder(paths.root, "pipeline"):
@@ -592,7 +596,7 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, *, show_progress: bool 
         synthesis = synthesize_step(config, paths.root, generator=gen, show_progress=show_progress)
         timings["synthesize_s"] = time.time() - t
         t = time.time()
-        result = evaluate_step(config, paths.root, generator=gen, show_progress=show_progress)
+        result = evaluate_step(config, paths.root, generator=gen, show_progress=show_progress, shared=shared)
         timings["evaluate_s"] = time.time() - t
         if config.evaluate.audit_canaries:  # a separate run in <run-dir>/audit/, after the release is written
             from ghostdp.integrations.synthetic.audit_section import add_to_report, run_audit_section

@@ -107,11 +107,16 @@ def run_seeds(config: RunConfig, run_dir: str | Path, n: int, *, show_progress: 
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"run_seeds: n={n!r}; need an int >= 1.")
-    if run_one is None:
-        from ghostdp.integrations.synthetic.pipeline import run_pipeline as run_one
+    run_dir = Path(run_dir)
+    if run_one is None:  # the runs share their embeddings, base perplexity and floor (shared_eval)
+        import functools
+
+        from ghostdp.integrations.synthetic.pipeline import run_pipeline
+        from ghostdp.integrations.synthetic.shared_eval import SharedEvaluation
+
+        run_one = functools.partial(run_pipeline, shared=SharedEvaluation(run_dir / "shared"))
     from ghostdp.integrations.synthetic.run_folder import lock_run_folder
 
-    run_dir = Path(run_dir)
     with lock_run_folder(run_dir, "pipeline --seeds"):  # seeds.json/md here; each seed folder has its own lock
         return _run_seeds_locked(config, run_dir, n, show_progress, run_one)
 

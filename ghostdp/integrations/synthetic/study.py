@@ -44,7 +44,7 @@ METHODS = ("lora", "prompt", "full")
 CELL_FILE = "study_cell.json"
 NOT_PRIVATE = "not private"
 #: The figures a cell records (from the run's headline), each averaged over the seeds.
-METRICS = ("accuracy_synthetic", "mauve", "perplexity", "label_fidelity")
+METRICS = ("accuracy_synthetic", "mauve", "perplexity", "label_fidelity", "accuracy_generator_classifier")
 
 
 def eps_label(eps: float) -> str:
@@ -144,32 +144,36 @@ def cell_config(base: RunConfig, method: str, eps: float, seed: int,
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_cell(config: RunConfig, run_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:
-    """Run one cell's pipeline in ``run_dir``; returns its figures (``METRICS`` and the baselines)."""
+def run_cell(config: RunConfig, run_dir: Path, *, show_progress: bool = True,
+             shared: Any | None = None) -> dict[str, Any]:
+    """Run one cell's pipeline in ``run_dir``; returns its figures (``METRICS`` and the baselines).
+
+    ``shared``: the study's ``shared_eval.SharedEvaluation`` (embeddings, base perplexity, floor samples).
+    """
     if math.isinf(config.train.target_epsilon):
-        return _nonprivate_cell(config, run_dir, show_progress)
+        return _nonprivate_cell(config, run_dir, show_progress, shared)
     from ghostdp.integrations.synthetic.pipeline import run_pipeline
 
     started = time.time()
-    result, _, _ = run_pipeline(config, run_dir, show_progress=show_progress)
+    result, _, timings = run_pipeline(config, run_dir, show_progress=show_progress, shared=shared)
     h = result.headline
     return {"accuracy_synthetic": h["accuracy_synthetic"], "mauve": h["mauve"], "perplexity": h["perplexity"],
-            "label_fidelity": h["label_fidelity"], "accuracy_dp_on_real": h["accuracy_dp_on_real"],
+            "label_fidelity": h["label_fidelity"], "accuracy_generator_classifier": h["accuracy_generator_classifier"],
+            "accuracy_dp_on_real": h["accuracy_dp_on_real"],
             "accuracy_real_ceiling": h["accuracy_real_ceiling"], "accuracy_prior_floor": h["accuracy_prior_floor"],
             "epsilon_spent": h["epsilon"], "delta": h["delta"], "dp_seed": h.get("dp_seed"),
-            "seconds": round(time.time() - started, 1), "report": str(result.report_md)}
+            "seconds": round(time.time() - started, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
+            "report": str(result.report_md)}
 
 
-def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool) -> dict[str, Any]:
+def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool, shared: Any | None = None
+                     ) -> dict[str, Any]:
     """epsilon = inf: train without noise or clipping, synthesize, and evaluate like the private cells.
 
     The run report is not written (its privacy statement would be false); the figures go to the study.
     The DP-on-real baseline has no meaning at epsilon inf: the non-private real-data classifier stands there.
     """
-    import torch
-
-    from ghostdp.integrations.synthetic import evaluate, pipeline
-    from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
+    from ghostdp.integrations.synthetic import eval_rows, evaluate, pipeline
     from ghostdp.integrations.synthetic.run_folder import (
         RunPaths,
         load_eval_data,
@@ -183,27 +187,30 @@ def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool) -> d
     from ghostdp.integrations.synthetic.text_data import LabelledTexts
 
     started = time.time()
+    timings = {}
     paths = RunPaths(Path(run_dir))
     if (paths.model / GENERATOR_META).is_file():
         gen = load_generator(paths.model, use_cpu=config.train.use_cpu)
     else:
         gen = pipeline.train(config, run_dir, show_progress=show_progress)
+    timings["train_s"] = round(time.time() - started, 1)
     synthesis = pipeline.synthesize_step(config, run_dir, generator=gen, show_progress=show_progress)
+    timings["synthesize_s"] = round(time.time() - started - timings["train_s"], 1)
     names = gen.label_names
     synthetic = evaluate.synthetic_texts_from_rows(read_synthetic(synthesis.jsonl), names, str(synthesis.jsonl))
     heldout = load_eval_data(config.data, names)
     private = load_private_data(config.data)
     private = LabelledTexts(private.texts, private.labels, names, source=private.source)
-    floor = evaluate._floor_samples(config, paths, gen, synthesis.counts, show_progress)
-    ppl = evaluate._perplexities(config, gen, heldout, show_progress)
-    device = "cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu"
-    embedder = MiniLMEmbedder(EmbedderConfig(device=device, show_progress=show_progress))
+    floor = evaluate._floor_samples(config, paths, gen, synthesis.counts, show_progress, shared)
+    ppl = evaluate._perplexities(config, gen, heldout, show_progress, shared)
+    embedder = evaluate.make_embedder(config, show_progress, shared)
     # evaluate_synthetic always fits its DP-on-real classifier; at epsilon inf that row is replaced below, so
     # it runs at a nominal budget of 1 and is discarded.
     res = evaluate.evaluate_synthetic(synthetic=synthetic, private=private, heldout=heldout, floor=floor,
                                       embedder=embedder, config=config, epsilon=1.0, delta=gen.info["privacy"]["delta"],
                                       show_progress=show_progress)
     acc = res["accuracies"]
+    acc["generator_classifier"] = eval_rows.generator_row(config, gen, heldout, show_progress=show_progress)
 
     def get(row: str) -> float | None:
         return (acc.get(row) or {}).get("accuracy")
@@ -211,10 +218,11 @@ def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool) -> d
     out = {"accuracy_synthetic": get("synthetic"), "mauve": res["mauve"]["synthetic"],
            "perplexity": (ppl.get("finetuned") or {}).get("perplexity"),
            "label_fidelity": (res["label_fidelity"].get("synthetic") or {}).get("label_fidelity"),
-           "accuracy_dp_on_real": get("real_ceiling"), "accuracy_real_ceiling": get("real_ceiling"),
+           "accuracy_generator_classifier": get("generator_classifier"), "accuracy_dp_on_real": get("real_ceiling"), "accuracy_real_ceiling": get("real_ceiling"),
            "accuracy_prior_floor": get("prior_floor"), "epsilon_spent": None, "delta": None,
            "not_private": gen.info["privacy"].get("not_private", NOT_PRIVATE),
            "seconds": round(time.time() - started, 1)}
+    out["timings"] = {**timings, "evaluate_s": round(out["seconds"] - timings["train_s"] - timings["synthesize_s"], 1)}
     from ghostdp.integrations.synthetic.run_folder import write_text_atomic
 
     write_text_atomic(paths.root / "nonprivate_metrics.json",
@@ -242,8 +250,13 @@ def run_study(config: RunConfig, run_dir: str | Path, grid: StudyGrid, *, show_p
         write_text_atomic,
     )
 
-    runner = runner or run_cell
     root = Path(run_dir)
+    if runner is None:  # the cells share their embeddings, base perplexity and floor samples (shared_eval)
+        import functools
+
+        from ghostdp.integrations.synthetic.shared_eval import SharedEvaluation
+
+        runner = functools.partial(run_cell, shared=SharedEvaluation(root / "shared"))
     root.mkdir(parents=True, exist_ok=True)
     if any(math.isinf(e) for e in grid.epsilons):
         logger.warning("The study includes epsilon = inf: those cells are trained WITHOUT noise or clipping and are "
@@ -328,18 +341,24 @@ def study_markdown(summary: dict[str, Any]) -> str:
         f"epsilon 'inf ({NOT_PRIVATE})': trained without noise and without clipping, a baseline that is NOT private.",
         "Every cell trained on the same private data: release at most one finite-epsilon cell.",
         "",
-        "| method | epsilon | downstream accuracy | MAUVE | perplexity | label fidelity | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| method | epsilon | downstream accuracy | MAUVE | perplexity | label fidelity | generator as classifier "
+        "| seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(f"| {r['method']} | {r['epsilon']} | {_pm(r['accuracy_synthetic'])} | {_pm(r['mauve'])} | "
-                     f"{_pm(r['perplexity'], 2)} | {_pm(r['label_fidelity'])} | {r['accuracy_synthetic']['n']} |")
+                     f"{_pm(r['perplexity'], 2)} | {_pm(r['label_fidelity'])} | "
+                     f"{_pm(r.get('accuracy_generator_classifier'))} | {r['accuracy_synthetic']['n']} |")
     for d in summary["dp_on_real"]:
-        lines.append(f"| {d['kind']} (classifier, no synthetic data) | {d['epsilon']} | {_pm(d['accuracy'])} | | | | "
-                     f"{d['accuracy']['n']} |")
+        lines.append(f"| {d['kind']} (classifier, no synthetic data) | {d['epsilon']} | {_pm(d['accuracy'])} | | | "
+                     f"| | {d['accuracy']['n']} |")
     fl, rc = summary["floor"]["accuracy"], summary["real_ceiling"]["accuracy"]
-    lines.append(f"| prior floor (un-finetuned generator's samples) | - | {_pm(fl)} | | | | {fl['n']} |")
-    lines.append(f"| real data, {NOT_PRIVATE} (ceiling) | inf ({NOT_PRIVATE}) | {_pm(rc)} | | | | {rc['n']} |")
+    lines.append(f"| prior floor (un-finetuned generator's samples) | - | {_pm(fl)} | | | | | {fl['n']} |")
+    lines.append(f"| real data, {NOT_PRIVATE} (ceiling) | inf ({NOT_PRIVATE}) | {_pm(rc)} | | | | | {rc['n']} |")
+    seconds = [c["seconds"] for c in summary["cells"] if c.get("seconds") is not None]
+    if seconds:
+        lines += ["", f"Cell wall time: {sum(seconds) / 60:.1f} min in all over {len(seconds)} cells "
+                  f"({min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} min each; per step in study.json)."]
     not_run = summary.get("not_run") or []
     if not_run:
         lines += ["", f"**Not run** ({len(not_run)} of the grid's cells; summarised with --summarize-only): "
