@@ -112,8 +112,8 @@ def test_log_likelihoods_match_the_training_loss_and_ignore_batching(separable_m
 
 @pytest.mark.parametrize("method", ["lora", "prompt"])
 def test_peft_generators_score_what_their_training_forward_scores(method, separable_model, collator):
-    """LoRA runs the label prefix once from the cache; prompt tuning (virtual tokens prepended in every forward)
-    runs prefix + text per row. Both equal minus the summed training loss of prefix(y) + x + EOS."""
+    """Both run the label prefix once from the cache (prompt tuning: the base model after the virtual tokens,
+    which PEFT's forward prepends); both equal minus the summed training loss of prefix(y) + x + EOS."""
     import copy
 
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
@@ -124,7 +124,7 @@ def test_peft_generators_score_what_their_training_forward_scores(method, separa
     config = (LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
               if method == "lora" else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     model = get_peft_model(copy.deepcopy(separable_model), config).eval()
-    assert _caches_prefix(model) == (method == "lora")
+    assert _caches_prefix(model)
     texts = ["good film", "awful dull boring movie the plot", "superb"]
     ll = LabelScorer(model, collator, LABELS, batch_size=2).log_likelihoods(texts)
     with torch.no_grad():
@@ -135,6 +135,20 @@ def test_peft_generators_score_what_their_training_forward_scores(method, separa
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
                                   reduction="none").sum(1)
             np.testing.assert_allclose(ll[:, k], -nll.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_a_model_without_a_cache_scores_prefix_and_text_whole_with_the_same_result(separable_model, collator):
+    import copy
+
+    from ghostdp.integrations.synthetic.label_scoring import _caches_prefix
+
+    uncached = copy.deepcopy(separable_model)
+    uncached.config.use_cache = False
+    assert _caches_prefix(separable_model) and not _caches_prefix(uncached)
+    texts = ["good film", "awful dull boring movie the plot", "superb", "the"]
+    np.testing.assert_allclose(LabelScorer(uncached, collator, LABELS, batch_size=3).log_likelihoods(texts),
+                               LabelScorer(separable_model, collator, LABELS, batch_size=3).log_likelihoods(texts),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_every_label_scores_the_same_cut_text_without_eos(separable_model, tokenizer, collator):

@@ -330,7 +330,7 @@ def test_a_chat_template_generator_is_rebuilt_from_its_metadata_with_the_prefix_
     assert make_collator(smollm_tokenizer, old).prefix_ids("positive") == plain.prefix_ids("positive")
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "prompt"])
 def test_the_shared_prefix_cache_samples_the_same_tokens_as_an_uncached_generate(method, tokenizer, collator):
     # generate_batch computes the common prefix once and repeats its cache over the rows; with the same seed,
     # the sampled rows must be those of a plain generate() that runs the prefix of every row.
@@ -344,14 +344,21 @@ def test_the_shared_prefix_cache_samples_the_same_tokens_as_an_uncached_generate
     got = generate_batch(model, prefix, n=5, config=cfg, eos_token_id=collator.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, seed=11, device=torch.device("cpu"))
     ids = torch.tensor([list(prefix)] * 5)
-    assert _shared_prefix_cache(model, ids) is not None  # the path under test is taken
     gen_config = GenerationConfig(do_sample=True, temperature=1.0, top_p=0.9, top_k=None, max_new_tokens=7,
                                   eos_token_id=collator.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(11)
-        plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
+        if method == "prompt":  # the base model from [virtual tokens, prefix] embeddings, every row whole
+            base = model.get_base_model()
+            embeds = torch.cat([model.get_prompt(batch_size=5), base.get_input_embeddings()(ids)], dim=1)
+            plain = base.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                  generation_config=gen_config)
+        else:
+            assert _shared_prefix_cache(model, ids) is not None  # the path under test is taken
+            plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
+            plain = plain[:, ids.shape[1]:]
     want = []
-    for row in plain[:, ids.shape[1]:].tolist():
+    for row in plain.tolist():
         eos = collator.eos_token_id in row
         want.append((tokenizer.decode(row[: row.index(collator.eos_token_id)] if eos else row,
                                       skip_special_tokens=True), eos))

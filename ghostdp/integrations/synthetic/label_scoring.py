@@ -129,9 +129,9 @@ class LabelScorer:
         """Shape (len(texts), K): summed log-probabilities of each text's scored tokens under each label.
 
         Every row of a batch has the same label prefix, so a model with a key/value cache runs the prefix
-        once (batch 1) and only the text tokens per row; a prompt-tuned PEFT model (whose forward prepends
-        its virtual tokens) and a model without a cache get the whole ``prefix + text`` per row. The two
-        ways agree to float rounding (tests/synthetic/test_label_scoring.py).
+        once (batch 1; a prompt-tuned model's base runs ``[virtual tokens, prefix]``) and only the text tokens
+        per row; a model without a cache gets the whole ``prefix + text`` per row. Both equal the training
+        forward's loss to float rounding (tests/synthetic/test_label_scoring.py).
         """
         texts = list(texts)
         out = np.zeros((len(texts), len(self.label_names)), dtype=np.float64)
@@ -177,13 +177,20 @@ class LabelScorer:
 
         cache = DynamicCache()
         head = torch.tensor([prefix], dtype=torch.long, device=self.device)  # (1, P)
-        first = self.model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True,
-                           **{_GENERATE_CACHE_KW: cache}).logits[:, -1].float()  # (1, V): predicts text token 0
+        model, start = self.model, {"input_ids": head}
+        if _is_prompt_learning(self.model):  # the base model after [virtual tokens, prefix], as PEFT's forward runs
+            model = self.model.get_base_model()
+            embeds = model.get_input_embeddings()(head)
+            virtual = self.model.get_prompt(batch_size=1).to(device=embeds.device, dtype=embeds.dtype)
+            start = {"inputs_embeds": torch.cat([virtual, embeds], dim=1)}  # (1, V + P, d)
+        width = next(iter(start.values())).shape[1]
+        first = model(**start, attention_mask=torch.ones((1, width), dtype=torch.long, device=self.device),
+                      use_cache=True, **{_GENERATE_CACHE_KW: cache}).logits[:, -1].float()  # (1, V): text token 0
         ids, mask = self._padded(texts)  # (b, T)
         cache.batch_repeat_interleave(ids.shape[0])
-        full_mask = torch.cat([torch.ones((ids.shape[0], len(prefix)), dtype=mask.dtype, device=mask.device), mask], 1)
-        logits = self.model(input_ids=ids, attention_mask=full_mask, use_cache=True,
-                            **{_GENERATE_CACHE_KW: cache}).logits[:, :-1].float()  # (b, T-1, V)
+        full_mask = torch.cat([torch.ones((ids.shape[0], width), dtype=mask.dtype, device=mask.device), mask], 1)
+        logits = model(input_ids=ids, attention_mask=full_mask, use_cache=True,
+                       **{_GENERATE_CACHE_KW: cache}).logits[:, :-1].float()  # (b, T-1, V)
         logits = torch.cat([first.expand(ids.shape[0], 1, -1), logits], dim=1)  # (b, T, V): position t -> token t
         logp = F.log_softmax(logits, dim=-1).gather(-1, ids[:, :, None]).squeeze(-1)  # (b, T)
         return (logp * mask).sum(dim=1)
@@ -203,12 +210,21 @@ class LabelScorer:
         return margins(self.log_likelihoods(texts), index)
 
 
-def _caches_prefix(model: torch.nn.Module) -> bool:
-    """Whether ``model`` can score texts after a cached prefix: a Hugging Face causal LM with a key/value cache
-    that is not a PEFT prompt-learning model (those prepend virtual tokens in every forward)."""
+def _is_prompt_learning(model: torch.nn.Module) -> bool:
     peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return False
+    return peft_config is not None and getattr(peft_config, "is_prompt_learning", False)
+
+
+def _caches_prefix(model: torch.nn.Module) -> bool:
+    """Whether ``model`` can score texts after a cached prefix: a Hugging Face causal LM with a key/value cache;
+    of the PEFT prompt-learning models (which prepend virtual tokens in every forward), prompt tuning and
+    P-tuning, whose virtual tokens are input embeddings the base model's cache can hold."""
+    if _is_prompt_learning(model):
+        from peft.utils import PeftType
+
+        if model.active_peft_config.peft_type not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+            return False
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     return bool(config is not None and getattr(config, "use_cache", False)
                 and not getattr(config, "is_encoder_decoder", False))

@@ -390,8 +390,15 @@ def _generate_after_virtual_tokens(
     prefix = embed(ids)
     inputs = torch.cat([virtual.to(device=prefix.device, dtype=prefix.dtype), prefix], dim=1)  # (n, V + P, d)
     mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+    # Every row starts with the same V + P embeddings: their cache (minus the last position) is computed once.
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    base(inputs_embeds=inputs[:1, :-1], attention_mask=mask[:1, :-1], use_cache=True, **{_GENERATE_CACHE_KW: cache})
+    cache.batch_repeat_interleave(inputs.shape[0])
     # Decoder-only generate() from inputs_embeds alone returns only the new tokens.
-    return base.generate(inputs_embeds=inputs, attention_mask=mask, generation_config=gen_config)
+    return base.generate(inputs_embeds=inputs, attention_mask=mask, generation_config=gen_config,
+                         **{_GENERATE_CACHE_KW: cache})
 
 
 @dataclass
