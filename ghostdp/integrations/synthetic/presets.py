@@ -34,11 +34,12 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
     placement with the plain prefix "A {label} movie review:\n" and max_length 24, 12 DP steps of 64
     expected examples, 160 samples, a 300-row held-out slice, 80 floor samples and 32 perplexity rows.
     Prompt tuning: 20 randomly initialised virtual tokens (11,520 parameters on SmolLM2-135M); full
-    fine-tuning trains all 134.5M parameters. Measured on the project's CPU while it was shared with other
-    jobs (bench/results/study_cpu.md): 7-15 minutes a LoRA cell, 15-18 a prompt cell, 12-17 a full cell, so
-    about an hour holds 4-5 cells (e.g. ``--methods lora,prompt,full --epsilons 3`` and one inf cell) and the
-    whole 12-cell grid ``--methods lora,prompt,full --epsilons 1,3,8,inf --seeds 1 --method-lr
-    lora=1e-2,prompt=5e-2,full=2e-4`` about 2.5-3 hours. ``--summarize-only`` tabulates a grid cut short.
+    fine-tuning trains all 134.5M parameters. The cells share their evaluation's fixed parts (embeddings of the
+    real rows, the base model's perplexity, the prior-knowledge floor: ``shared_eval``). Measured on the
+    project's 2-core CPU (bench/results/study_cpu.md): the whole 12-cell grid ``--methods lora,prompt,full
+    --epsilons 1,3,8,inf --seeds 1 --method-lr lora=1e-2,prompt=5e-2,full=2e-4`` in 53 minutes (3-4 minutes a
+    LoRA cell, 5-6 a prompt cell, 4-5 a full cell); each further seed adds about as much. ``--summarize-only``
+    tabulates a grid cut short.
 
 ``study-gpu``
     The full-size study for one GPU, documented, not run: ``ghostdp study --preset study-gpu --methods
