@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "runs/<preset>-<time>; synthesize/evaluate need an existing one.")
         common.add_argument("--no-progress", action="store_true", help="No progress bars.")
         common.add_argument("--threads", metavar="N|auto", help="CPU threads for torch (default: torch's choice, "
-                            "one per core). 'auto': the cores not already busy by the load average, at least 1. On a "
+                            "one per core). 'auto': the cores that other processes leave idle now (measured over 1 s), at least 1. On a "
                             "CPU shared with other jobs fewer threads can be several times faster: threads that "
                             "spin-wait for each other stall when they do not all get a core.")
         common.add_argument("-v", "--verbose", action="count", default=0, help="More logging (-vv: debug).")
@@ -311,12 +311,43 @@ def _log_to_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def _cpu_times(cores: set[int]) -> dict[int, list[int]] | None:
+    """Per CPU of ``cores``: its first 8 ``/proc/stat`` counters (user nice system idle iowait irq softirq
+    steal, in clock ticks); None where /proc/stat cannot be read."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            rows = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
+        return {int(r[0][3:]): [int(v) for v in r[1:9]] for r in rows if int(r[0][3:]) in cores}
+    except (OSError, ValueError):
+        return None
+
+
+def _busy_cores(cores: set[int], seconds: float = 1.0) -> float:
+    """How many of the CPUs ``cores`` (this process's affinity set) other processes keep busy now: their
+    non-idle share of time over ``seconds`` (:func:`_cpu_times`; this process sleeps meanwhile), summed over
+    those CPUs. Where there is no /proc/stat, the 1-minute load average.
+
+    Not the load average on Linux: it lags by about a minute, so right after a job ends (e.g. ``make demo``'s own
+    pip set-up) it still counts that job, and 'auto' gave 1 thread on an idle 2-core machine.
+    """
+    first = _cpu_times(cores)
+    if not first or any(len(v) < 5 for v in first.values()):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    time.sleep(seconds)
+    second = _cpu_times(cores) or first
+    busy = 0.0
+    for cpu, before in first.items():
+        delta = [b - a for a, b in zip(before, second.get(cpu, before))]
+        total, idle = sum(delta), delta[3] + delta[4]
+        busy += 0.0 if total <= 0 else (total - idle) / total
+    return busy
+
+
 def _threads(value: str) -> int | None:
-    """``--threads``: an int >= 1, or 'auto' = cores minus the 1-minute load average (rounded), at least 1."""
+    """``--threads``: an int >= 1, or 'auto' = the cores other processes leave idle now (rounded), at least 1."""
     if value == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        return max(1, min(cores, round(cores - busy)))
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        return max(1, min(len(cpus), round(len(cpus) - _busy_cores(cpus))))
     try:
         n = int(value)
     except ValueError:

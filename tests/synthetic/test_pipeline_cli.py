@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,59 @@ def test_renamed_train_keys_name_their_new_spelling(tmp_path):
         path = _write(tmp_path / f"{old}.toml", f"[train]\n{old} = 1e-6\n")
         with pytest.raises(ConfigError, match=rf"\[train\] {old} is now {new}"):
             load_toml(path)
+
+
+def test_threads_auto_counts_the_cores_busy_now_not_the_lagging_load_average(monkeypatch):
+    # The 1-minute load average still counts a job that ended seconds ago (make demo's own set-up): with it,
+    # 'auto' gave 1 thread on an idle 2-core machine. Scripted /proc/stat counters: over the window CPU 0 was
+    # busy 75% of the time and CPU 1 idle -> 0.75 busy cores -> 1 thread; both idle -> 2 threads.
+    import os
+
+    from ghostdp import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # must not decide anything on Linux
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+
+    def script(*snapshots):
+        calls = iter(snapshots)
+        monkeypatch.setattr(cli, "_cpu_times", lambda cores: next(calls))
+
+    zero = [0] * 8
+    script({0: zero, 1: zero}, {0: [60, 0, 15, 25, 0, 0, 0, 0], 1: [0, 0, 0, 100, 0, 0, 0, 0]})
+    assert cli._busy_cores({0, 1}) == 0.75
+    script({0: zero, 1: zero}, {0: [60, 0, 15, 25, 0, 0, 0, 0], 1: [0, 0, 0, 100, 0, 0, 0, 0]})
+    assert cli._threads("auto") == 1
+    script({0: zero, 1: zero}, {0: [0, 0, 0, 100, 0, 0, 0, 0], 1: [1, 0, 0, 99, 0, 0, 0, 0]})
+    assert cli._threads("auto") == 2
+    script(None)  # no /proc/stat: the load average is all there is
+    assert cli._threads("auto") == 1
+
+
+def test_threads_auto_leaves_a_spinning_process_its_core(monkeypatch):
+    import multiprocessing
+    import os
+
+    from ghostdp import cli
+
+    if not os.path.exists("/proc/stat") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux /proc/stat and 2 cores")
+    pair = set(sorted(os.sched_getaffinity(0))[:2])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: pair)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the lagging figure would say: all idle
+    spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(min(pair),), daemon=True)
+    spinner.start()
+    try:
+        time.sleep(1.0)  # let it start spinning
+        busy = cli._busy_cores(pair)
+    finally:
+        spinner.kill()
+    assert busy >= 0.8  # its core, measured now
+
+
+def _spin(cpu: int) -> None:
+    import os
+
+    os.sched_setaffinity(0, {cpu})
+    while True:
+        pass
