@@ -148,6 +148,9 @@ def test_presets_build_valid_configs():
     for name, layer in PRESETS.items():
         config = build_run_config({**layer, "preset": name})
         assert config.train.target_epsilon + config.train.label_epsilon <= 4.0 + 1e-9
+        # The floor is a same-size baseline: as many samples as the synthetic set (a 120-sample floor against
+        # 240 synthetic samples read 0.61 where a same-size one reads more, flattering the synthetic set).
+        assert config.evaluate.floor_samples in (None, config.synthesize.num_samples), name
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -297,6 +297,10 @@ def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: di
     n = total if n is None else n
     if n == 0:
         return None
+    if n != total:
+        logger.warning("The prior-knowledge floor gets %d samples and the synthetic set has %d: the floor row is "
+                       "not a same-size baseline (a smaller floor trains a weaker classifier and flatters the "
+                       "synthetic set). Set evaluate.floor_samples to none for as many as the synthetic set.", n, total)
     # The synthetic set's label shares are public (it is the release), so the floor may copy them.
     proportions = {k: v / total for k, v in synthetic_counts.items()} if total else None
     targets = label_targets(gen.label_names, n, per_label=False, proportions=proportions)
