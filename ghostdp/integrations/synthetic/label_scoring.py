@@ -160,22 +160,19 @@ class LabelScorer:
 
     def _score_whole(self, prefix: list[int], texts: list[list[int]]) -> torch.Tensor:
         """(b,) summed log-probabilities of the texts' tokens, running ``prefix + text`` for every row."""
+        from ghostdp.integrations.hf.models import input_position_logits
+
         ids, mask = self._padded([prefix + t for t in texts])  # (b, T)
         scored = mask.bool().clone()
         scored[:, :len(prefix)] = False  # only the text tokens (and their EOS) are scored
-        from ghostdp.integrations.hf.models import input_position_logits
-
         logits = input_position_logits(self.model, self.model(input_ids=ids, attention_mask=mask).logits, ids.shape[1])
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, T-1)
         return (logp * scored[:, 1:]).sum(dim=1)  # position t predicts token t + 1
 
     def _score_after_prefix(self, prefix: list[int], texts: list[list[int]]) -> torch.Tensor:
         """As :meth:`_score_whole`, with the prefix run once and its cache repeated over the rows."""
-        from transformers import DynamicCache
+        from ghostdp.integrations.synthetic.synthesize import CACHE_KEYWORD, repeated_prefix_cache
 
-        from ghostdp.integrations.synthetic.synthesize import _GENERATE_CACHE_KW
-
-        cache = DynamicCache()
         head = torch.tensor([prefix], dtype=torch.long, device=self.device)  # (1, P)
         model, start = self.model, {"input_ids": head}
         if _is_prompt_learning(self.model):  # the base model after [virtual tokens, prefix], as PEFT's forward runs
@@ -183,18 +180,16 @@ class LabelScorer:
             embeds = model.get_input_embeddings()(head)
             virtual = self.model.get_prompt(batch_size=1).to(device=embeds.device, dtype=embeds.dtype)
             start = {"inputs_embeds": torch.cat([virtual, embeds], dim=1)}  # (1, V + P, d)
-        width = next(iter(start.values())).shape[1]
-        first = model(**start, attention_mask=torch.ones((1, width), dtype=torch.long, device=self.device),
-                      use_cache=True, **{_GENERATE_CACHE_KW: cache}).logits[:, -1].float()  # (1, V): text token 0
         ids, mask = self._padded(texts)  # (b, T)
-        cache.batch_repeat_interleave(ids.shape[0])
+        cache, head_logits = repeated_prefix_cache(model, ids.shape[0], **start)
+        first = head_logits[:, -1].float()  # (1, V): predicts text token 0
+        width = head_logits.shape[1]
         full_mask = torch.cat([torch.ones((ids.shape[0], width), dtype=mask.dtype, device=mask.device), mask], 1)
         logits = model(input_ids=ids, attention_mask=full_mask, use_cache=True,
-                       **{_GENERATE_CACHE_KW: cache}).logits[:, :-1].float()  # (b, T-1, V)
+                       **{CACHE_KEYWORD: cache}).logits[:, :-1].float()  # (b, T-1, V)
         logits = torch.cat([first.expand(ids.shape[0], 1, -1), logits], dim=1)  # (b, T, V): position t -> token t
         logp = F.log_softmax(logits, dim=-1).gather(-1, ids[:, :, None]).squeeze(-1)  # (b, T)
         return (logp * mask).sum(dim=1)
-
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         """``argmax_y log p(text | prefix(y))`` per text (ties go to the first label)."""

@@ -307,7 +307,7 @@ def generate_batch(
         virtual = _virtual_token_embeddings(model, n)
         if virtual is None:
             cache = _shared_prefix_cache(model, ids)
-            extra = {} if cache is None else {_GENERATE_CACHE_KW: cache}
+            extra = {} if cache is None else {CACHE_KEYWORD: cache}
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config,
                                  **extra)
             out = out[:, ids.shape[1]:]
@@ -332,7 +332,21 @@ def _generate_cache_keyword() -> str:
     return "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
-_GENERATE_CACHE_KW = _generate_cache_keyword()
+CACHE_KEYWORD = _generate_cache_keyword()
+
+
+def repeated_prefix_cache(model: torch.nn.Module, rows: int, **inputs: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Run one prefix (``input_ids`` (1, P) or ``inputs_embeds`` (1, P, d)) once, unpadded, and repeat its
+    key/value cache for ``rows`` rows that all start with it. Returns ``(cache, logits (1, P, V))``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    width = next(iter(inputs.values())).shape[1]
+    device = next(iter(inputs.values())).device
+    out = model(**inputs, attention_mask=torch.ones((1, width), dtype=torch.long, device=device), use_cache=True,
+                **{CACHE_KEYWORD: cache})
+    cache.batch_repeat_interleave(rows)
+    return cache, out.logits
 
 
 def _shared_prefix_cache(model: torch.nn.Module, ids: torch.Tensor) -> Any | None:
@@ -348,13 +362,7 @@ def _shared_prefix_cache(model: torch.nn.Module, ids: torch.Tensor) -> Any | Non
     if ids.shape[1] < 2 or config is None or not getattr(config, "use_cache", False) or getattr(
             config, "is_encoder_decoder", False):
         return None
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    model(input_ids=ids[:1, :-1], attention_mask=torch.ones_like(ids[:1, :-1]), use_cache=True,
-          **{_GENERATE_CACHE_KW: cache})
-    cache.batch_repeat_interleave(ids.shape[0])
-    return cache
+    return repeated_prefix_cache(model, ids.shape[0], input_ids=ids[:1, :-1])[0]
 
 
 def _virtual_token_embeddings(model: torch.nn.Module, n: int) -> torch.Tensor | None:
@@ -391,14 +399,10 @@ def _generate_after_virtual_tokens(
     inputs = torch.cat([virtual.to(device=prefix.device, dtype=prefix.dtype), prefix], dim=1)  # (n, V + P, d)
     mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
     # Every row starts with the same V + P embeddings: their cache (minus the last position) is computed once.
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    base(inputs_embeds=inputs[:1, :-1], attention_mask=mask[:1, :-1], use_cache=True, **{_GENERATE_CACHE_KW: cache})
-    cache.batch_repeat_interleave(inputs.shape[0])
+    cache, _ = repeated_prefix_cache(base, inputs.shape[0], inputs_embeds=inputs[:1, :-1])
     # Decoder-only generate() from inputs_embeds alone returns only the new tokens.
     return base.generate(inputs_embeds=inputs, attention_mask=mask, generation_config=gen_config,
-                         **{_GENERATE_CACHE_KW: cache})
+                         **{CACHE_KEYWORD: cache})
 
 
 @dataclass
