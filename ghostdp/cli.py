@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "runs/<preset>-<time>; synthesize/evaluate need an existing one.")
         common.add_argument("--no-progress", action="store_true", help="No progress bars.")
         common.add_argument("--threads", metavar="N|auto", help="CPU threads for torch (default: torch's choice, "
-                            "one per core). 'auto': the cores that other processes leave idle now (measured over 1 s), at least 1. On a "
-                            "CPU shared with other jobs fewer threads can be several times faster: threads that "
-                            "spin-wait for each other stall when they do not all get a core.")
+                            "one per core). 'auto': the cores that other processes leave idle now (measured over "
+                            "1 s), at least 1. On a CPU shared with other jobs fewer threads can be several times "
+                            "faster: threads that spin-wait for each other stall when they do not all get a core.")
         common.add_argument("-v", "--verbose", action="count", default=0, help="More logging (-vv: debug).")
         common.add_argument("-q", "--quiet", action="store_true", help="Warnings and errors only.")
         if command == "study":

@@ -185,8 +185,7 @@ def evaluate_synthetic(
         if ecfg.classifier == "linear_probe":
             return LinearProbe(embedder, LinearProbeConfig(seed=ecfg.eval_seed))
         return MiniLMClassifier(FineTuneConfig(seed=ecfg.eval_seed, show_progress=show_progress,
-                                               device="cuda" if torch.cuda.is_available() and not config.train.use_cpu
-                                               else "cpu"))
+                                               device=eval_device(config)))
 
     def train_eval(key: str, train: LabelledTexts):
         present = set(train.labels)
@@ -221,7 +220,7 @@ def evaluate_synthetic(
         target_epsilon=dp_eps, delta=delta, steps=ecfg.dp_steps, batch_size=ecfg.dp_batch_size,
         learning_rate=ecfg.dp_learning_rate, max_grad_norm=ecfg.dp_max_grad_norm, seed=ecfg.eval_seed,
         dp_seed=config.train.dp_seed, show_progress=show_progress,
-        device="cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu",
+        device=eval_device(config),
     )
     if ecfg.dp_classifier == "linear_probe":
         dp = DPLinearProbe(embedder, dcfg).fit_embeddings(emb["private"], private.labels, names)
@@ -407,11 +406,18 @@ def _memorization_section(mem: Any, k: int = 5) -> str:
     return "\n".join(lines)
 
 
+def eval_device(config: RunConfig) -> str:
+    """Where the evaluation's models run (``synthesize.pick_device``, as a name): "cuda" or "cpu"."""
+    from ghostdp.integrations.synthetic.synthesize import pick_device
+
+    return pick_device(config.train.use_cpu).type
+
+
 def make_embedder(config: RunConfig, show_progress: bool, shared: Any | None = None) -> Any:
     """The MiniLM embedder of the evaluation (``shared``'s memoising one when given)."""
     from ghostdp.integrations.synthetic.embeddings import EmbedderConfig, MiniLMEmbedder
 
-    device = "cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu"
+    device = eval_device(config)
 
     def make() -> Any:
         return MiniLMEmbedder(EmbedderConfig(device=device, show_progress=show_progress))

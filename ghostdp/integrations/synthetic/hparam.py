@@ -304,8 +304,6 @@ def write_hparam(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
 def hparam_run(config: Any, run_dir: str | Path, grid: HParamGrid, *, show_progress: bool = True,
                ) -> tuple[dict[str, Any], dict[str, Path]]:
     """The grid on a run folder's synthetic set vs its real private data; writes ``<run-dir>/hparam/``."""
-    import torch
-
     from ghostdp.integrations.synthetic.config import ConfigError
     from ghostdp.integrations.synthetic.evaluate import synthetic_texts_from_rows
     from ghostdp.integrations.synthetic.run_folder import (
@@ -330,7 +328,9 @@ def hparam_run(config: Any, run_dir: str | Path, grid: HParamGrid, *, show_progr
     private = load_private_data(config.data)
     check_fingerprint(private, paths, info["data"]["fingerprint"], f"the [data] settings of {paths.config}")
     private = LabelledTexts(private.texts, private.labels, names, source=private.source)
-    device = "cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu"
+    from ghostdp.integrations.synthetic.evaluate import eval_device
+
+    device = eval_device(config)
     result = hparam_fidelity(grid, synthetic=synthetic, private=private, heldout=heldout,
                              seed=config.evaluate.eval_seed, device=device, show_progress=show_progress)
     result["epsilon"] = info.get("privacy", {}).get("epsilon_total")

@@ -75,8 +75,7 @@ class SharedEvaluation:
 
     def floor_dir(self, recipe: dict[str, Any]) -> Path:
         """The folder of the floor made by ``recipe`` (a JSON-able dict of everything the samples depend on)."""
-        key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
-        return Path(self.root) / f"floor-{key}"
+        return Path(self.root) / f"floor-{self.text_key(recipe)[:16]}"
 
     @staticmethod
     def floor_targets(folder: Path) -> dict[str, int] | None:
@@ -89,4 +88,5 @@ class SharedEvaluation:
 
     @staticmethod
     def text_key(*parts: Any) -> str:
+        """A hex digest of JSON-able ``parts`` (dict keys in any order give the same key)."""
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
