@@ -97,7 +97,8 @@ def heldout_perplexity(
     for s in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=not show_progress):
         batch = collator([rows[i] for i in order[s:s + batch_size]])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = input_position_logits(model, model(input_ids=ids, attention_mask=mask).logits, ids.shape[1])  # (B, T, V)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = input_position_logits(model, logits, ids.shape[1])  # (B, T, V)
         labels = batch["labels"].to(device)[:, 1:]  # (B, T-1): position t predicts t+1
         shifted = logits[:, :-1]
         if shifted.dtype in (torch.float16, torch.bfloat16):  # a log-softmax over the vocabulary needs fp32

@@ -15,8 +15,8 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
     same prompt the prior-knowledge floor gets. 240 samples of at most the training rows' token budget,
     kept only when the DP generator scores them as their own label (``filter_margin`` 0: post-processing, no
     privacy cost; the floor, as many samples of the un-finetuned model, is filtered the same way by the base
-    model: a smaller floor would flatter the synthetic set, e.g. 0.61 with 120 floor samples vs 0.66 with 720), the linear probe, the DP linear
-    head, the DP generator as a zero-shot classifier. Chosen by measurement (bench/results/utility_cpu.md):
+    model: a smaller floor would flatter the synthetic set, e.g. 0.61 with 120 floor samples vs 0.66 with
+    720), the linear probe, the DP linear head, the DP generator as a zero-shot classifier. Chosen by measurement (bench/results/utility_cpu.md):
     the training recipe over the earlier 16 steps of 64 with rank 8 on q/k/v/o, and the chat template over
     the plain prefix (label fidelity 0.77 vs 0.65 in one run each, same synthetic accuracy). With this little
     compute and the DP noise drawn afresh each run, the accuracy moves by several points between runs

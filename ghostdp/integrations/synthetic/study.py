@@ -218,7 +218,8 @@ def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool, shar
     out = {"accuracy_synthetic": get("synthetic"), "mauve": res["mauve"]["synthetic"],
            "perplexity": (ppl.get("finetuned") or {}).get("perplexity"),
            "label_fidelity": (res["label_fidelity"].get("synthetic") or {}).get("label_fidelity"),
-           "accuracy_generator_classifier": get("generator_classifier"), "accuracy_dp_on_real": get("real_ceiling"), "accuracy_real_ceiling": get("real_ceiling"),
+           "accuracy_generator_classifier": get("generator_classifier"), "accuracy_dp_on_real": get("real_ceiling"),
+           "accuracy_real_ceiling": get("real_ceiling"),
            "accuracy_prior_floor": get("prior_floor"), "epsilon_spent": None, "delta": None,
            "not_private": gen.info["privacy"].get("not_private", NOT_PRIVATE),
            "seconds": round(time.time() - started, 1)}
