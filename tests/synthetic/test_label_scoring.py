@@ -118,13 +118,13 @@ def test_peft_generators_score_what_their_training_forward_scores(method, separa
 
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
-    from ghostdp.integrations.synthetic.label_scoring import _caches_prefix
+    from ghostdp.integrations.synthetic.synthesize import caches_prefix
 
     torch.manual_seed(4)
     config = (LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
               if method == "lora" else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     model = get_peft_model(copy.deepcopy(separable_model), config).eval()
-    assert _caches_prefix(model)
+    assert caches_prefix(model)
     texts = ["good film", "awful dull boring movie the plot", "superb"]
     ll = LabelScorer(model, collator, LABELS, batch_size=2).log_likelihoods(texts)
     with torch.no_grad():
@@ -140,11 +140,11 @@ def test_peft_generators_score_what_their_training_forward_scores(method, separa
 def test_a_model_without_a_cache_scores_prefix_and_text_whole_with_the_same_result(separable_model, collator):
     import copy
 
-    from ghostdp.integrations.synthetic.label_scoring import _caches_prefix
+    from ghostdp.integrations.synthetic.synthesize import caches_prefix
 
     uncached = copy.deepcopy(separable_model)
     uncached.config.use_cache = False
-    assert _caches_prefix(separable_model) and not _caches_prefix(uncached)
+    assert caches_prefix(separable_model) and not caches_prefix(uncached)
     texts = ["good film", "awful dull boring movie the plot", "superb", "the"]
     np.testing.assert_allclose(LabelScorer(uncached, collator, LABELS, batch_size=3).log_likelihoods(texts),
                                LabelScorer(separable_model, collator, LABELS, batch_size=3).log_likelihoods(texts),

@@ -139,7 +139,9 @@ class LabelScorer:
             return out
         text_ids = self._text_ids(texts)
         order = sorted(range(len(texts)), key=lambda i: len(text_ids[i]))  # similar lengths share a batch
-        shared = _caches_prefix(self.model)
+        from ghostdp.integrations.synthetic.synthesize import caches_prefix
+
+        shared = caches_prefix(self.model)
         steps = [(k, s) for k in range(len(self.label_names)) for s in range(0, len(order), self.batch_size)]
         for k, s in tqdm(steps, desc="label scoring", unit="batch", disable=not self.show_progress):
             prefix = list(self.collator.prefix_ids(self.label_names[k]))
@@ -171,11 +173,15 @@ class LabelScorer:
 
     def _score_after_prefix(self, prefix: list[int], texts: list[list[int]]) -> torch.Tensor:
         """As :meth:`_score_whole`, with the prefix run once and its cache repeated over the rows."""
-        from ghostdp.integrations.synthetic.synthesize import CACHE_KEYWORD, repeated_prefix_cache
+        from ghostdp.integrations.synthetic.synthesize import (
+            CACHE_KEYWORD,
+            is_prompt_learning,
+            repeated_prefix_cache,
+        )
 
         head = torch.tensor([prefix], dtype=torch.long, device=self.device)  # (1, P)
         model, start = self.model, {"input_ids": head}
-        if _is_prompt_learning(self.model):  # the base model after [virtual tokens, prefix], as PEFT's forward runs
+        if is_prompt_learning(self.model):  # the base model after [virtual tokens, prefix], as PEFT's forward runs
             model = self.model.get_base_model()
             embeds = model.get_input_embeddings()(head)
             virtual = self.model.get_prompt(batch_size=1).to(device=embeds.device, dtype=embeds.dtype)
@@ -203,26 +209,6 @@ class LabelScorer:
             raise ValueError(f"LabelScorer.margins: labels {unknown} are not among {self.label_names}.")
         index = [self.label_names.index(label) for label in labels]
         return margins(self.log_likelihoods(texts), index)
-
-
-def _is_prompt_learning(model: torch.nn.Module) -> bool:
-    peft_config = getattr(model, "active_peft_config", None)
-    return peft_config is not None and getattr(peft_config, "is_prompt_learning", False)
-
-
-def _caches_prefix(model: torch.nn.Module) -> bool:
-    """Whether ``model`` can score texts after a cached prefix: a Hugging Face causal LM with a key/value cache;
-    of the PEFT prompt-learning models (which prepend virtual tokens in every forward), prompt tuning and
-    P-tuning, whose virtual tokens are input embeddings the base model's cache can hold."""
-    if _is_prompt_learning(model):
-        from peft.utils import PeftType
-
-        if model.active_peft_config.peft_type not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
-            return False
-        model = model.get_base_model()
-    config = getattr(model, "config", None)
-    return bool(config is not None and getattr(config, "use_cache", False)
-                and not getattr(config, "is_encoder_decoder", False))
 
 
 @dataclass

@@ -349,6 +349,28 @@ def repeated_prefix_cache(model: torch.nn.Module, rows: int, **inputs: torch.Ten
     return cache, out.logits
 
 
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a PEFT prompt-learning model (its forward prepends virtual tokens)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    return peft_config is not None and getattr(peft_config, "is_prompt_learning", False)
+
+
+def caches_prefix(model: torch.nn.Module) -> bool:
+    """Whether ``model`` can continue rows after a prefix run once and cached: a Hugging Face causal LM with a
+    key/value cache;
+    of the PEFT prompt-learning models (which prepend virtual tokens in every forward), prompt tuning and
+    P-tuning, whose virtual tokens are input embeddings the base model's cache can hold."""
+    if is_prompt_learning(model):
+        from peft.utils import PeftType
+
+        if model.active_peft_config.peft_type not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+            return False
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    return bool(config is not None and getattr(config, "use_cache", False)
+                and not getattr(config, "is_encoder_decoder", False))
+
+
 def _shared_prefix_cache(model: torch.nn.Module, ids: torch.Tensor) -> Any | None:
     """The key/value cache of the rows' common prefix minus its last token, computed once and repeated per row.
 
@@ -358,18 +380,16 @@ def _shared_prefix_cache(model: torch.nn.Module, ids: torch.Tensor) -> Any | Non
     sampled tokens equal those of the uncached call with the same seed (tests/synthetic/test_synthesize.py).
     None (plain ``generate``) for a model that is not a Hugging Face model with a cache, or a prefix of one token.
     """
-    config = getattr(model, "config", None)
-    if ids.shape[1] < 2 or config is None or not getattr(config, "use_cache", False) or getattr(
-            config, "is_encoder_decoder", False):
+    if ids.shape[1] < 2 or not caches_prefix(model):
         return None
     return repeated_prefix_cache(model, ids.shape[0], input_ids=ids[:1, :-1])[0]
 
 
 def _virtual_token_embeddings(model: torch.nn.Module, n: int) -> torch.Tensor | None:
     """The (n, V, d) virtual-token embeddings of a PEFT prompt-tuned model, or None for any other model."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not getattr(config, "is_prompt_learning", False):
+    if not is_prompt_learning(model):
         return None
+    config = model.active_peft_config
     from peft.utils import PeftType
 
     if config.peft_type not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
