@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -331,19 +330,22 @@ def test_threads_auto_leaves_a_spinning_process_its_core(monkeypatch):
     pair = set(sorted(os.sched_getaffinity(0))[:2])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: pair)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the lagging figure would say: all idle
-    spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(min(pair),), daemon=True)
+    ctx = multiprocessing.get_context("spawn")
+    spinning = ctx.Event()
+    spinner = ctx.Process(target=_spin, args=(min(pair), spinning), daemon=True)
     spinner.start()
     try:
-        time.sleep(1.0)  # let it start spinning
+        assert spinning.wait(timeout=120), "the spinning process did not start"  # spawn re-imports this module
         busy = cli._busy_cores(pair)
     finally:
         spinner.kill()
     assert busy >= 0.8  # its core, measured now
 
 
-def _spin(cpu: int) -> None:
+def _spin(cpu: int, spinning) -> None:
     import os
 
     os.sched_setaffinity(0, {cpu})
+    spinning.set()
     while True:
         pass
