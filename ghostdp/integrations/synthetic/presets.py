@@ -6,8 +6,13 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
 ``cpu-demo``
     Sized for a 2-core CPU (``make demo``, which runs it with ``--threads auto``). The embedded
     SmolLM2-135M-Instruct gets rank-4 LoRA adapters on q_proj and v_proj of its top 10 blocks (so the
-    backward pass stops there) and 8 DP-SGD steps of 256 expected examples from a seeded 2,000-row slice of
-    SST-2 train (the private data) at epsilon 3, plus 0.1 for the label proportions. The label goes in
+    backward pass stops there) and 8 DP-SGD steps of 256 expected examples from a seeded 20,000-row slice of
+    SST-2 train (the private data) at epsilon 3, plus 0.1 for the label proportions. The compute is that of
+    one pass over 2,000 rows; the larger private set only lowers the sample rate (0.0128 instead of 0.128), so
+    the same epsilon needs sigma 0.56 instead of 0.89 (the DP-on-real baseline also trains on all 20,000
+    rows). Measured with 3 seeds each (bench/results/utility_cpu.md, session 5): synthetic 0.66 vs 0.64,
+    generator as classifier 0.73 vs 0.70. A smaller file is used whole (with a warning), as
+    ``--train-rows none`` would. The label goes in
     through the model's chat template: the user turn "Write one sentence from a {label} movie review."
     (empty system message), the text as the assistant's reply, max_length 36 (23 prefix tokens). The
     un-finetuned model already follows that instruction (zero-shot likelihood-ratio accuracy 0.757 on 300
@@ -16,9 +21,10 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
     kept only when the DP generator scores them as their own label (``filter_margin`` 0: post-processing, no
     privacy cost; the floor, as many samples of the un-finetuned model, is filtered the same way by the base
     model: a smaller floor would flatter the synthetic set, e.g. 0.61 with 120 floor samples vs 0.66 with
-    720), the linear probe, the DP linear head, the DP generator as a zero-shot classifier. Chosen by measurement (bench/results/utility_cpu.md):
-    the training recipe over the earlier 16 steps of 64 with rank 8 on q/k/v/o, and the chat template over
-    the plain prefix (label fidelity 0.77 vs 0.65 in one run each, same synthetic accuracy). With this little
+    720), the linear probe, the DP linear head, the DP generator as a zero-shot classifier. Chosen by
+    measurement (bench/results/utility_cpu.md): the training recipe over the earlier 16 steps of 64 with rank 8
+    on q/k/v/o, and the chat template over the plain prefix (label fidelity 0.77 vs 0.65 in one run each, same
+    synthetic accuracy). With this little
     compute and the DP noise drawn afresh each run, the accuracy moves by several points between runs
     (``ghostdp pipeline --seeds 3`` reports the spread). For other data, write the instruction for it.
 
@@ -31,9 +37,10 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
     first run's timings in its log before relying on it.
 
 ``study-cpu``
-    One cell of ``ghostdp study`` (the fine-tuning method x epsilon grid) for a 2-core CPU: cpu-demo's LoRA
-    placement with the plain prefix "A {label} movie review:\n" and max_length 24, 12 DP steps of 64
-    expected examples, 160 samples (and as many floor samples), a 300-row held-out slice and 32 perplexity rows.
+    One cell of ``ghostdp study`` (the fine-tuning method x epsilon grid) for a 2-core CPU, on 2,000 SST-2 train
+    rows: cpu-demo's LoRA placement with the plain prefix "A {label} movie review:\n" and max_length 24, 12 DP
+    steps of 64 expected examples, 160 samples (and as many floor samples), a 300-row held-out slice and 32
+    perplexity rows.
     Prompt tuning: 20 randomly initialised virtual tokens (11,520 parameters on SmolLM2-135M); full
     fine-tuning trains all 134.5M parameters. The cells share their evaluation's fixed parts (embeddings of the
     real rows, the base model's perplexity, the prior-knowledge floor: ``shared_eval``). Measured on the
@@ -59,7 +66,7 @@ __all__ = ["PRESETS", "preset_layer"]
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu-demo": {
-        "data": {"train_data": "sst2:train", "eval_data": "sst2:dev", "train_rows": 2000, "eval_rows": 400},
+        "data": {"train_data": "sst2:train", "eval_data": "sst2:dev", "train_rows": 20000, "eval_rows": 400},
         "train": {
             "model": "smollm2-135m", "method": "lora", "lora_rank": 4, "lora_alpha": 8.0,
             "lora_targets": ("q_proj", "v_proj"), "lora_layers": 10,
@@ -97,7 +104,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 PRESETS["study-cpu"] = copy.deepcopy(PRESETS["cpu-demo"])
-PRESETS["study-cpu"]["data"].update(eval_rows=300)
+PRESETS["study-cpu"]["data"].update(train_rows=2000, eval_rows=300)
 PRESETS["study-cpu"]["train"].update(logical_batch_size=64, max_steps=12, prompt_tokens=20, max_length=24,
                                      template="A {label} movie review:\n", chat_template=False)
 PRESETS["study-cpu"]["synthesize"].update(num_samples=160)

@@ -12,8 +12,10 @@ of the base model, filtered by the base model). :class:`SharedEvaluation` keeps 
   study reuses it too. The key holds everything the samples depend on (base model, label prefixes,
   sampling parameters and seed, filter margin, sample count), but not the per-label counts: the first run
   that needs a floor fixes them from its synthetic set's label shares, and later runs reuse that floor (the
-  shares differ between runs only by the label-count noise, a row or two). The floor is public (base
-  model and prompts only), so sharing it between runs of the same private data changes nothing in privacy.
+  shares differ between runs only by the label-count noise, a row or two). The repeats of ``--seeds`` and
+  the study's seeds each have their own sample seed, so each draws its own floor (the floor's spread is part
+  of the comparison); the cells of one study seed share one. The floor is public (base model and prompts
+  only), so sharing it between runs of the same private data changes nothing in privacy.
 
 Nothing private is stored here beyond what each run's own evaluation already reads; the folder holds the
 floor samples (base-model text) only.
