@@ -54,16 +54,18 @@ def test_run_seeds_gives_each_run_its_own_folder_and_noise_seed(tmp_path):
 
     def fake_run(config, run_dir, show_progress):
         seen.append((config.train.dp_seed, Path(run_dir)))
-        public.append((config.train.seed, config.synthesize.sample_seed))
+        public.append((config.train.seed, config.synthesize.sample_seed, config.evaluate.eval_seed))
         Path(run_dir).mkdir(parents=True)
         i = len(seen) - 1
         (Path(run_dir) / "metrics.json").write_text(json.dumps(_metrics(0.6 + 0.1 * i, 0.7, 0.5, 0.6, 0.8)))
 
-    config = build_run_config({"train": {"dp_seed": 10, "seed": 4}, "synthesize": {"sample_seed": 7}})
+    config = build_run_config({"train": {"dp_seed": 10, "seed": 4}, "synthesize": {"sample_seed": 7},
+                               "evaluate": {"eval_seed": 2}})
     s = run_seeds(config, tmp_path, 3, run_one=fake_run, show_progress=False)
     assert [d for d, _ in seen] == [10, 11, 12] and [p.name for _, p in seen] == ["seed-0", "seed-1", "seed-2"]
-    # Fresh public randomness too (LoRA init, sampling; the floor's samples follow the sample seed).
-    assert public == [(4, 7), (5, 8), (6, 9)]
+    # Fresh public randomness too: LoRA init, sampling (the floor's samples follow the sample seed), the
+    # baselines' draws and the classifiers' seeds.
+    assert public == [(4, 7, 2), (5, 8, 3), (6, 9, 4)]
     assert s["accuracy"]["synthetic"]["accuracy"]["mean"] == pytest.approx(0.7)
     assert json.loads((tmp_path / "seeds.json").read_text())["runs"] == 3 and (tmp_path / "seeds.md").is_file()
     seen.clear()

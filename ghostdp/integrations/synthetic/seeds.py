@@ -3,15 +3,16 @@
 With this little compute the DP noise moves the synthetic-data accuracy by several points from one run to
 the next, so one run says little. ``run_seeds`` trains, samples and evaluates ``N`` times, each in its own
 folder ``<run_dir>/seed-<i>`` with fresh DP noise (``train.dp_seed`` none: OS entropy each time; a set
-``dp_seed`` becomes ``dp_seed + i``) and fresh public randomness (``train.seed`` and ``synthesize.sample_seed``
-plus ``i``, as ``ghostdp study`` does), and writes ``seeds.json`` and ``seeds.md`` with, for every row of the
+``dp_seed`` becomes ``dp_seed + i``) and fresh public randomness (``train.seed``, ``synthesize.sample_seed`` and
+``evaluate.eval_seed`` plus ``i``), and writes ``seeds.json`` and ``seeds.md`` with, for every row of the
 accuracy table, the mean and sample standard deviation of its accuracy, macro-F1, largest recall gap and
 per-class recalls, plus the label fidelity and epsilon.
 
-The prior-knowledge floor is drawn again in every run too: it is a sample of the base model, and its own
-spread (about as large as the synthetic row's on SST-2, bench/results/utility_cpu.md) belongs in the
-comparison. One floor shared by every run would show a spread of 0 and decide "synthetic beats the floor"
-on a single draw.
+The baselines are drawn again in every run too: the prior-knowledge floor is a sample of the base model
+(its own spread is about as large as the synthetic row's on SST-2, bench/results/utility_cpu.md), the
+"real, same count and length cap" row a sample of the private rows, and the classifiers and the DP linear
+head have seeds. Baselines fixed across the runs would show a spread of 0 and decide "synthetic beats the
+floor" on a single draw.
 
 Privacy: each seed is a separate DP training on the same private data. Released together the N models
 (and their synthetic sets) would be (N * epsilon, N * delta)-DP by basic composition; this is a
@@ -130,15 +131,16 @@ def run_seeds(config: RunConfig, run_dir: str | Path, n: int, *, show_progress: 
 def _run_seeds_locked(config: RunConfig, run_dir: Path, n: int, show_progress: bool,
                       run_one: Callable[..., Any]) -> dict[str, Any]:
     metrics = []
-    t, s = config.train, config.synthesize
+    t, s, e = config.train, config.synthesize, config.evaluate
     for i in range(n):
         seed = t.dp_seed
         cfg = dataclasses.replace(
             config, train=dataclasses.replace(t, seed=t.seed + i, dp_seed=None if seed is None else seed + i),
-            synthesize=dataclasses.replace(s, sample_seed=s.sample_seed + i))
+            synthesize=dataclasses.replace(s, sample_seed=s.sample_seed + i),
+            evaluate=dataclasses.replace(e, eval_seed=e.eval_seed + i))
         sub = run_dir / f"seed-{i}"
-        logger.info("Seed run %d of %d in %s (DP noise: %s; init seed %d, sample seed %d)", i + 1, n, sub,
-                    "fresh OS entropy" if seed is None else f"dp_seed={seed + i}", t.seed + i, s.sample_seed + i)
+        logger.info("Seed run %d of %d in %s (DP noise: %s; init, sample and eval seeds + %d)", i + 1, n, sub,
+                    "fresh OS entropy" if seed is None else f"dp_seed={seed + i}", i)
         run_one(cfg, sub, show_progress=show_progress)
         metrics.append(json.loads((sub / "metrics.json").read_text(encoding="utf-8")))
     summary = aggregate_runs(metrics)
