@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ghostdp.cli import main
@@ -45,8 +46,16 @@ def test_aggregate_runs_covers_every_row_and_class():
     assert floor["n"] == 2 and floor["mean"] == pytest.approx(0.6)  # n/a in one run: averaged over the others
     assert s["accuracy"]["public_only"] is None
     assert s["label_fidelity"]["mean"] == pytest.approx(0.9) and s["epsilon"]["mean"] == pytest.approx(3.1)
+    # Paired gaps, by hand: synthetic - floor per run is 0.05, n/a, 0.15; synthetic - DP-on-real -0.1, -0.1, 0.05.
+    assert s["gaps"]["prior_floor"]["values"] == pytest.approx([0.05, 0.15])
+    assert s["gaps"]["dp_on_real"]["mean"] == pytest.approx(-0.05)
+    assert s["gaps"]["dp_on_real"]["std"] == pytest.approx(float(np.std([-0.1, -0.1, 0.05], ddof=1)))
+    assert s["gaps"]["public_only"]["n"] == 0 and "synthetic" not in s["gaps"]
     md = seeds_markdown(s)
     assert "| trained on DP synthetic | 0.7000 ± 0.1000 |" in md and "release at most one run" in md
+    assert "| DP-trained on real | -5.0 ± 8.7 | 3 |" in md
+    assert "| prior knowledge only (floor) | +10.0 ± 7.1 | 2 |" in md
+    assert "trained on the public set only | n/a" not in md.split("Synthetic minus each row")[1]
 
 
 def test_run_seeds_gives_each_run_its_own_folder_and_noise_seed(tmp_path):

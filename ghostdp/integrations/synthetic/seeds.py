@@ -52,8 +52,11 @@ def aggregate_runs(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean and std across runs of every accuracy row (from each run's ``metrics.json``).
 
     Returns ``{"runs": n, "accuracy": {row: {"accuracy": ms, "macro_f1": ms, "recall_gap": ms,
-    "recall": {class: ms}}}, "label_fidelity": ms, "epsilon": ms}`` with ``ms`` from :func:`mean_std`. A row
-    that is n/a in some runs is averaged over the others (its ``n`` says how many).
+    "recall": {class: ms}}}, "gaps": {row: ms}, "label_fidelity": ms, "epsilon": ms}`` with ``ms`` from
+    :func:`mean_std`. A row that is n/a in some runs is averaged over the others (its ``n`` says how many).
+    ``gaps[row]`` is the paired difference, synthetic accuracy minus ``row``'s accuracy within each run (the
+    issue-11 goals are gaps: synthetic >= floor + 10 points, >= DP-on-real - 8 points); its std is that of
+    the difference, smaller than the two rows' stds combined when the runs' draws move both rows together.
     """
     rows: list[str] = []
     for m in metrics:
@@ -70,6 +73,7 @@ def aggregate_runs(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             classes += [c for c in (e.get("recall") or {}) if c not in classes]
         agg["recall"] = {c: mean_std([(e.get("recall") or {}).get(c) for e in entries]) for c in classes}
         out["accuracy"][row] = agg
+    out["gaps"] = {row: mean_std([_gap(m, row) for m in metrics]) for row in rows if row != "synthetic"}
     other = [m.get("metrics") or {} for m in metrics]
     out["label_fidelity"] = mean_std([((o.get("label_fidelity") or {}).get("synthetic") or {}).get("label_fidelity")
                                       for o in other])
@@ -77,10 +81,21 @@ def aggregate_runs(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _gap(run: Mapping[str, Any], row: str) -> float | None:
+    """Synthetic accuracy minus ``row``'s accuracy in one run (None when either is n/a)."""
+    acc = run.get("accuracy") or {}
+    a, b = (acc.get("synthetic") or {}).get("accuracy"), (acc.get(row) or {}).get("accuracy")
+    return None if a is None or b is None else float(a) - float(b)
+
+
 def _pm(ms: Mapping[str, Any] | None) -> str:
     if not ms or ms.get("mean") is None:
         return "n/a"
     return f"{ms['mean']:.4f}" + (f" ± {ms['std']:.4f}" if ms.get("std") is not None else "")
+
+
+def _points(ms: Mapping[str, Any]) -> str:
+    return f"{100 * ms['mean']:+.1f}" + (f" ± {100 * ms['std']:.1f}" if ms.get("std") is not None else "")
 
 
 def seeds_markdown(summary: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
@@ -101,6 +116,11 @@ def seeds_markdown(summary: Mapping[str, Any], labels: Mapping[str, str] | None 
         recall = ", ".join(f"{c} {_pm(ms)}" for c, ms in agg["recall"].items()) or "n/a"
         lines.append(f"| {labels.get(row, row)} | {_pm(agg['accuracy'])} | {_pm(agg['macro_f1'])} | "
                      f"{_pm(agg['recall_gap'])} | {recall} | {agg['accuracy']['n']} |")
+    gaps = {row: ms for row, ms in (summary.get("gaps") or {}).items() if ms and ms.get("mean") is not None}
+    if gaps:
+        lines += ["", "Synthetic minus each row, within each run (accuracy points; > 0: the synthetic set is better):",
+                  "", "| row | synthetic minus row (points) | runs |", "| --- | --- | --- |"]
+        lines += [f"| {labels.get(row, row)} | {_points(ms)} | {ms['n']} |" for row, ms in gaps.items()]
     lines += ["", f"Label fidelity of the synthetic sets: {_pm(summary['label_fidelity'])}.", ""]
     return "\n".join(lines)
 
