@@ -10,8 +10,8 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
     SST-2 train (the private data) at epsilon 3, plus 0.1 for the label proportions. The compute is that of
     one pass over 2,000 rows; the larger private set only lowers the sample rate (0.0128 instead of 0.128), so
     the same epsilon needs sigma 0.56 instead of 0.89 (the DP-on-real baseline also trains on all 20,000
-    rows). Measured with 3 seeds each (bench/results/utility_cpu.md, session 5): synthetic 0.66 vs 0.64,
-    generator as classifier 0.73 vs 0.70. A smaller file is used whole (with a warning), as
+    rows). Measured with 3 seeds each (bench/results/utility_cpu.md, session 5): synthetic 0.654 vs 0.638,
+    generator as classifier 0.725 vs 0.698. A smaller file is used whole (with a warning), as
     ``--train-rows none`` would. The label goes in
     through the model's chat template: the user turn "Write one sentence from a {label} movie review."
     (empty system message), the text as the assistant's reply, max_length 36 (23 prefix tokens). The
