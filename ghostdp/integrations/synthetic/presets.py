@@ -5,28 +5,27 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
 
 ``cpu-demo``
     Sized for a 2-core CPU (``make demo``, which runs it with ``--threads auto``). The embedded
-    SmolLM2-135M-Instruct gets rank-4 LoRA adapters on q_proj and v_proj of its top 10 blocks (so the
-    backward pass stops there) and 8 DP-SGD steps of 256 expected examples from a seeded 20,000-row slice of
-    SST-2 train (the private data) at epsilon 3, plus 0.1 for the label proportions. The compute is that of
-    one pass over 2,000 rows; the larger private set only lowers the sample rate (0.0128 instead of 0.128), so
-    the same epsilon needs sigma 0.56 instead of 0.89 (the DP-on-real baseline also trains on all 20,000
-    rows). Measured with 3 seeds each (bench/results/utility_cpu.md, session 5): synthetic 0.654 vs 0.638,
-    generator as classifier 0.725 vs 0.698. A smaller file is used whole (with a warning), as
-    ``--train-rows none`` would. The label goes in
-    through the model's chat template: the user turn "Write one sentence from a {label} movie review."
-    (empty system message), the text as the assistant's reply, max_length 36 (23 prefix tokens). The
-    un-finetuned model already follows that instruction (zero-shot likelihood-ratio accuracy 0.757 on 300
-    SST-2 dev rows, against 0.627 with the earlier plain prefix "A {label} movie review:\n"), and it is the
-    same prompt the prior-knowledge floor gets. 240 samples of at most the training rows' token budget,
-    kept only when the DP generator scores them as their own label (``filter_margin`` 0: post-processing, no
-    privacy cost; the floor, as many samples of the un-finetuned model, is filtered the same way by the base
-    model: a smaller floor would flatter the synthetic set, e.g. 0.61 with 120 floor samples vs 0.66 with
-    720), the linear probe, the DP linear head, the DP generator as a zero-shot classifier. Chosen by
-    measurement (bench/results/utility_cpu.md): the training recipe over the earlier 16 steps of 64 with rank 8
-    on q/k/v/o, and the chat template over the plain prefix (label fidelity 0.77 vs 0.65 in one run each, same
-    synthetic accuracy). With this little
-    compute and the DP noise drawn afresh each run, the accuracy moves by several points between runs
-    (``ghostdp pipeline --seeds 3`` reports the spread). For other data, write the instruction for it.
+    SmolLM2-135M-Instruct gets rank-4 LoRA adapters on q_proj and v_proj of its top 10 blocks (so the backward pass
+    stops there) and 8 DP-SGD steps of 256 expected examples from a seeded 20,000-row slice of SST-2 train (the
+    private data) at epsilon 3, plus 0.1 for the label proportions. The compute is that of one pass over 2,000 rows;
+    the larger private set only lowers the sample rate (0.0128 instead of 0.128), so the same epsilon needs sigma
+    0.56 instead of 0.89 (the DP-on-real baseline also trains on all 20,000 rows). Measured with 3 seeds each
+    (bench/results/utility_cpu.md, session 5): synthetic 0.654 vs 0.638, generator as classifier 0.725 vs 0.698. A
+    smaller file is used whole (with a warning), as ``--train-rows none`` would. The label goes in through the
+    model's chat template: the user turn "Write one sentence from a {label} movie review." (empty system message),
+    the text as the assistant's reply, max_length 36 (23 prefix tokens). The un-finetuned model already follows that
+    instruction (zero-shot likelihood-ratio accuracy 0.757 on 300 SST-2 dev rows, against 0.627 with the earlier
+    plain prefix "A {label} movie review:\n"), and it is the same prompt the prior-knowledge floor gets. 240 samples
+    of at most the training rows' token budget, kept only when the DP generator scores them as their own label
+    (``filter_margin`` 0: post-processing, no privacy cost; the floor, as many samples of the un-finetuned model, is
+    filtered the same way by the base model: a smaller floor would flatter the synthetic set, e.g. 0.61 with 120
+    floor samples vs 0.66 with 720), the linear probe, the DP linear head, the DP generator as a zero-shot
+    classifier. Chosen by measurement (bench/results/utility_cpu.md): the training recipe over the earlier 16 steps
+    of 64 with rank 8 on q/k/v/o, and the chat template over the plain prefix (label fidelity 0.77 vs 0.65 in one
+    run each, same synthetic accuracy). With this little compute and the DP noise drawn afresh each run, the
+    accuracy moves by several points between runs (``ghostdp pipeline --seeds 3`` reports the spread). On 2,500 IMDB
+    long reviews (``bench/long_reviews.py``) the same preset gives 0.7175 ± 0.0377 over 3 runs, above real rows of
+    the same count and 13-token cap (0.686). For other data, write the instruction for it.
 
 ``sst2-full``
     The full-size run, meant for one GPU and not run on the CPU: all 67,349 SST-2 train rows,
@@ -38,16 +37,14 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
 
 ``study-cpu``
     One cell of ``ghostdp study`` (the fine-tuning method x epsilon grid) for a 2-core CPU, on 2,000 SST-2 train
-    rows: cpu-demo's LoRA placement with the plain prefix "A {label} movie review:\n" and max_length 24, 12 DP
-    steps of 64 expected examples, 160 samples (and as many floor samples), a 300-row held-out slice and 32
-    perplexity rows.
-    Prompt tuning: 20 randomly initialised virtual tokens (11,520 parameters on SmolLM2-135M); full
-    fine-tuning trains all 134.5M parameters. The cells share their evaluation's fixed parts (embeddings of the
-    real rows, the base model's perplexity, the prior-knowledge floor: ``shared_eval``). Measured on the
-    project's 2-core CPU (bench/results/study_cpu.md): the whole 12-cell grid ``--methods lora,prompt,full
-    --epsilons 1,3,8,inf --seeds 1 --method-lr lora=1e-2,prompt=5e-2,full=2e-4`` in 53 minutes (3-4 minutes a
-    LoRA cell, 5-6 a prompt cell, 4-5 a full cell); each further seed adds about as much. ``--summarize-only``
-    tabulates a grid cut short.
+    rows: cpu-demo's LoRA placement with the plain prefix "A {label} movie review:\n" and max_length 24, 12 DP steps
+    of 64 expected examples, 160 samples (and as many floor samples), a 300-row held-out slice and 32 perplexity
+    rows. Prompt tuning: 20 randomly initialised virtual tokens (11,520 parameters on SmolLM2-135M); full
+    fine-tuning trains all 134.5M parameters. The cells share their evaluation's fixed parts (embeddings of the real
+    rows, the base model's perplexity, the prior-knowledge floor: ``shared_eval``). Measured on the project's 2-core
+    CPU (bench/results/study_cpu.md): the whole 12-cell grid ``--methods lora,prompt,full --epsilons 1,3,8,inf
+    --seeds 1 --method-lr lora=1e-2,prompt=5e-2,full=2e-4`` in 53 minutes (3-4 minutes a LoRA cell, 5-6 a prompt
+    cell, 4-5 a full cell); each further seed adds about as much. ``--summarize-only`` tabulates a grid cut short.
 
 ``study-gpu``
     The full-size study for one GPU, documented, not run: ``ghostdp study --preset study-gpu --methods
