@@ -21,6 +21,7 @@ from ghostdp.integrations.hf.collators import (
 )
 from ghostdp.integrations.synthetic.config import SynthesizeConfig
 from ghostdp.integrations.synthetic.label_scoring import (
+    TOKENS_PER_BATCH,
     LabelScorer,
     MarginFilter,
     filter_section,
@@ -291,3 +292,16 @@ temperature = 2.0
     assert all(r is None or 0 < r <= 1 for r in f["acceptance_rate"].values())
     rows = read_synthetic(run / "synthetic" / "synthetic.jsonl")
     assert all(r["margin"] > -0.5 for r in rows)
+
+
+def test_default_batch_follows_the_text_budget_and_changes_no_score(separable_model, collator):
+    texts = [f"{w} {w}" for w in ("good", "bad", "great", "awful", "fine")]
+    auto = LabelScorer(separable_model, collator, LABELS)
+    assert auto.batch_size == max(1, min(64, TOKENS_PER_BATCH // auto.text_budget))
+    assert LabelScorer(separable_model, collator, LABELS, max_text_tokens=TOKENS_PER_BATCH).batch_size == 1
+    assert LabelScorer(separable_model, collator, LABELS, max_text_tokens=1).batch_size == 64
+    np.testing.assert_allclose(auto.log_likelihoods(texts),
+                               LabelScorer(separable_model, collator, LABELS, batch_size=1).log_likelihoods(texts),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        LabelScorer(separable_model, collator, LABELS, batch_size=0)
