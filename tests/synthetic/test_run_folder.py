@@ -702,3 +702,28 @@ def test_check_heldout_disjoint_counts_and_limits():
     assert check_heldout_disjoint(train, three) == 1  # one of three shared: kept, logged
     with pytest.raises(ConfigError, match="2 of its 4 texts"):
         check_heldout_disjoint(train, LabelledTexts(("a b", "C D", "y", "z"), ("negative",) * 4, names, source="dev"))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_generator_keeps_the_loaded_use_cache_after_training(setup, method):
+    """transformers >= 5's Trainer sets config.use_cache = TrainingArguments.use_cache (False) for training.
+    The trained generator (in memory, as the pipeline samples from it, and as saved) gets the loaded model's
+    value back: with it False, sampling and label scoring silently lost their prefix key/value cache (2.8x
+    slower scoring in the pipeline than after a reload), and a fully fine-tuned model/config.json kept it."""
+    from ghostdp.integrations.hf.models import load_causal_lm
+    from ghostdp.integrations.synthetic.config import build_run_config, load_toml
+    from ghostdp.integrations.synthetic.pipeline import train
+    from ghostdp.integrations.synthetic.synthesize import caches_prefix, load_generator
+
+    root, cfg = setup
+    loaded = load_causal_lm(str(root / "tiny"))[0].config.use_cache
+    assert loaded is True  # the tiny model's config, as LlamaConfig's default: the case that was broken
+    layers = load_toml(cfg())
+    layers["train"]["method"] = method
+    gen = train(build_run_config(layers), root / "run", show_progress=False)
+    base = gen.model.get_base_model() if method == "lora" else gen.model
+    assert base.config.use_cache is loaded and caches_prefix(gen.model)
+    again = load_generator(root / "run" / "model", use_cpu=True)
+    assert caches_prefix(again.model)
+    if method == "full":
+        assert json.loads((root / "run" / "model" / "config.json").read_text())["use_cache"] is loaded

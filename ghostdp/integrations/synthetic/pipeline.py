@@ -123,6 +123,13 @@ def _train_identity(config: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps({"data": d, "train": t}))
 
 
+def _use_cache_config(model: torch.nn.Module) -> Any | None:
+    """The config holding ``use_cache`` of ``model`` (the base model's under PEFT), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    return config if config is not None and hasattr(config, "use_cache") else None
+
+
 def _build_model(cfg: TrainConfig):
     from ghostdp.integrations.hf.models import load_causal_lm
 
@@ -325,6 +332,12 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
                     release.noisy_counts)
 
     model, tokenizer = _build_model(cfg)
+    # The Trainer (transformers >= 5) sets config.use_cache to TrainingArguments.use_cache (False) for training;
+    # the generator gets the loaded model's value back before it is saved or sampled from. Left False, sampling
+    # and label scoring lose their prefix key/value cache (2.8x slower scoring in the pipeline) and a fully
+    # fine-tuned model/config.json says so for every later load.
+    use_cache = _use_cache_config(model)
+    use_cache_loaded = None if use_cache is None else use_cache.use_cache
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info_model = {"base_model": cfg.model, "method": cfg.method, "quantization": cfg.quantization,
                   "trainable_parameters": trainable}
@@ -385,6 +398,8 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
         engine.detach()
         model = trainer.model
     model.eval()
+    if use_cache is not None:
+        use_cache.use_cache = use_cache_loaded
     eps_train = priv["epsilon"]
     eps_rdp = planning.epsilon_of_history(priv["history"], priv["delta"], "rdp")
 
