@@ -6,29 +6,27 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
 ``cpu-demo``
     Sized for a 2-core CPU (``make demo``, which runs it with ``--threads auto``). The embedded
     SmolLM2-135M-Instruct gets rank-4 LoRA adapters on q_proj and v_proj of its top 10 blocks (so the backward pass
-    stops there) and 8 DP-SGD steps of 256 expected examples from a seeded 10,000-row slice of SST-2 train (the
+    stops there) and 8 DP-SGD steps of 256 expected examples from a seeded 20,000-row slice of SST-2 train (the
     private data) at epsilon 3, plus 0.1 for the label proportions. The compute is that of one pass over 2,000 rows;
-    the larger private set only lowers the sample rate (0.0256 instead of 0.128), so the same epsilon needs sigma
-    0.61 instead of 0.89 (0.56 at 20,000 rows; the DP-on-real baseline also trains on all the private rows).
-    Measured with 3 seeds each at 20,000 rows against 2,000 (bench/results/utility_cpu.md, session 5): synthetic
-    0.654 vs 0.638, generator as classifier 0.725 vs 0.698; 10,000 rows keep most of that noise reduction at half
-    the cost of embedding the private rows for the real-data baselines, which kept ``make demo`` under 10 minutes
-    (20,000 rows took it to 10 min 27 s). A smaller file is used whole (with a warning), as ``--train-rows none``
-    would. The label goes in through the model's chat template: the user turn "Write one sentence from a {label}
-    movie review." (empty system message), the text as the assistant's reply, max_length 36 (23 prefix tokens). The
-    un-finetuned model already follows that instruction (zero-shot likelihood-ratio accuracy 0.757 on 300 SST-2 dev
-    rows, against 0.627 with the earlier plain prefix "A {label} movie review:\n"), and it is the same prompt the
-    prior-knowledge floor gets. 240 samples of at most the training rows' token budget, kept only when the DP
-    generator scores them as their own label (``filter_margin`` 0: post-processing, no privacy cost; the floor, as
-    many samples of the un-finetuned model, is filtered the same way by the base model: a smaller floor would
-    flatter the synthetic set, e.g. 0.61 with 120 floor samples vs 0.66 with 720), the linear probe, the DP linear
-    head, the DP generator as a zero-shot classifier. Chosen by measurement (bench/results/utility_cpu.md): the
-    training recipe over the earlier 16 steps of 64 with rank 8 on q/k/v/o, and the chat template over the plain
-    prefix (label fidelity 0.77 vs 0.65 in one run each, same synthetic accuracy). With this little compute and the
-    DP noise drawn afresh each run, the accuracy moves by several points between runs (``ghostdp pipeline --seeds
-    3`` reports the spread). On 2,500 IMDB long reviews (``bench/long_reviews.py``) the same preset gives 0.7175 ±
-    0.0377 over 3 runs, above real rows of the same count and 13-token cap (0.686). For other data, write the
-    instruction for it.
+    the larger private set only lowers the sample rate (0.0128 instead of 0.128), so the same epsilon needs sigma
+    0.56 instead of 0.89 (the DP-on-real baseline also trains on all 20,000 rows; embedding them for the real-data
+    baselines costs about 50 s). Measured with 3 seeds each (bench/results/utility_cpu.md, session 5): synthetic
+    0.654 vs 0.638, generator as classifier 0.725 vs 0.698. A smaller file is used whole (with a warning), as
+    ``--train-rows none`` would. The label goes in through the model's chat template: the user turn "Write one
+    sentence from a {label} movie review." (empty system message), the text as the assistant's reply, max_length 36
+    (23 prefix tokens). The un-finetuned model already follows that instruction (zero-shot likelihood-ratio accuracy
+    0.757 on 300 SST-2 dev rows, against 0.627 with the earlier plain prefix "A {label} movie review:\n"), and it is
+    the same prompt the prior-knowledge floor gets. 240 samples of at most the training rows' token budget, kept
+    only when the DP generator scores them as their own label (``filter_margin`` 0: post-processing, no privacy
+    cost; the floor, as many samples of the un-finetuned model, is filtered the same way by the base model: a
+    smaller floor would flatter the synthetic set, e.g. 0.61 with 120 floor samples vs 0.66 with 720), the linear
+    probe, the DP linear head, the DP generator as a zero-shot classifier. Chosen by measurement
+    (bench/results/utility_cpu.md): the training recipe over the earlier 16 steps of 64 with rank 8 on q/k/v/o, and
+    the chat template over the plain prefix (label fidelity 0.77 vs 0.65 in one run each, same synthetic accuracy).
+    With this little compute and the DP noise drawn afresh each run, the accuracy moves by several points between
+    runs (``ghostdp pipeline --seeds 3`` reports the spread). On 2,500 IMDB long reviews (``bench/long_reviews.py``)
+    the same preset gives 0.7175 ± 0.0377 over 3 runs, above real rows of the same count and 13-token cap (0.686).
+    For other data, write the instruction for it.
 
 ``sst2-full``
     The full-size run, meant for one GPU and not run on the CPU: all 67,349 SST-2 train rows,
@@ -66,7 +64,7 @@ __all__ = ["PRESETS", "preset_layer"]
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu-demo": {
-        "data": {"train_data": "sst2:train", "eval_data": "sst2:dev", "train_rows": 10000, "eval_rows": 400},
+        "data": {"train_data": "sst2:train", "eval_data": "sst2:dev", "train_rows": 20000, "eval_rows": 400},
         "train": {
             "model": "smollm2-135m", "method": "lora", "lora_rank": 4, "lora_alpha": 8.0,
             "lora_targets": ("q_proj", "v_proj"), "lora_layers": 10,
