@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 __all__ = [
+    "TOKENS_PER_BATCH",
     "LabelScorer",
     "MarginFilter",
     "generation_budget",

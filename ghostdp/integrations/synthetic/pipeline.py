@@ -336,8 +336,8 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
     # the generator gets the loaded model's value back before it is saved or sampled from. Left False, sampling
     # and label scoring lose their prefix key/value cache (2.8x slower scoring in the pipeline) and a fully
     # fine-tuned model/config.json says so for every later load.
-    use_cache = _use_cache_config(model)
-    use_cache_loaded = None if use_cache is None else use_cache.use_cache
+    cache_config = _use_cache_config(model)
+    use_cache_loaded = None if cache_config is None else cache_config.use_cache
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info_model = {"base_model": cfg.model, "method": cfg.method, "quantization": cfg.quantization,
                   "trainable_parameters": trainable}
@@ -398,8 +398,8 @@ def _train_locked(config: RunConfig, paths: RunPaths, show_progress: bool) -> Lo
         engine.detach()
         model = trainer.model
     model.eval()
-    if use_cache is not None:
-        use_cache.use_cache = use_cache_loaded
+    if cache_config is not None:
+        cache_config.use_cache = use_cache_loaded
     eps_train = priv["epsilon"]
     eps_rdp = planning.epsilon_of_history(priv["history"], priv["delta"], "rdp")
 

@@ -357,9 +357,9 @@ def is_prompt_learning(model: torch.nn.Module) -> bool:
 
 def caches_prefix(model: torch.nn.Module) -> bool:
     """Whether ``model`` can continue rows after a prefix run once and cached: a Hugging Face causal LM with a
-    key/value cache;
-    of the PEFT prompt-learning models (which prepend virtual tokens in every forward), prompt tuning and
-    P-tuning, whose virtual tokens are input embeddings the base model's cache can hold."""
+    key/value cache (``config.use_cache``); of the PEFT prompt-learning models (which prepend virtual tokens in
+    every forward), prompt tuning and P-tuning, whose virtual tokens are input embeddings the base model's cache
+    can hold."""
     if is_prompt_learning(model):
         from peft.utils import PeftType
 
