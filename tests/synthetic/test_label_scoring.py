@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +307,94 @@ def test_default_batch_follows_the_text_budget_and_changes_no_score(separable_mo
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="batch_size=0"):
         LabelScorer(separable_model, collator, LABELS, batch_size=0)
+
+
+class _FixedMargins:
+    """A scorer stand-in whose margin for a text is the number written in it."""
+
+    text_budget = 5
+
+    def margins(self, texts, labels):
+        return np.array([float(t) for t in texts])
+
+
+@pytest.mark.parametrize(("fraction", "threshold", "kept"), [
+    (1.0, 0.0, {0, 2, 3, 4, 6}),  # every candidate above the threshold, as before the option existed
+    (0.4, 0.0, {0, 3, 4}),        # the ceil(0.4 * 7) = 3 largest: 5, 3 and the earlier of the two 2s
+    (0.4, 2.5, {0, 4}),           # of those, only the ones above the threshold
+    (0.2, -10.0, {0, 4}),         # ceil(0.2 * 7) = 2; the threshold does not bind
+])
+def test_top_fraction_keeps_the_largest_margins_of_each_batch(fraction, threshold, kept):
+    texts = ["3", "-1", "1", "2", "5", "0", "2"]
+    flt = MarginFilter(_FixedMargins(), threshold=threshold, top_fraction=fraction)
+    verdicts = flt("positive", texts)
+    assert [m for _, m in verdicts] == [float(t) for t in texts]
+    assert {i for i, (keep, _) in enumerate(verdicts) if keep} == kept
+    info = flt.describe()
+    assert ("top_fraction" in info) == (fraction < 1) and info.get("top_fraction", 1.0) == fraction
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5, float("nan")])
+def test_top_fraction_outside_zero_one_is_refused(fraction):
+    with pytest.raises(ValueError, match="top_fraction"):
+        MarginFilter(_FixedMargins(), top_fraction=fraction)
+    with pytest.raises(ValueError, match="filter_top_fraction"):
+        SynthesizeConfig(filter_margin=0.0, filter_top_fraction=fraction)
+
+
+def test_top_fraction_needs_the_filter():
+    with pytest.raises(ValueError, match="filter_margin"):
+        SynthesizeConfig(filter_top_fraction=0.5)
+    assert SynthesizeConfig(filter_top_fraction=1.0).filter_margin is None
+
+
+def test_top_fraction_synthesis_keeps_exact_counts_and_the_best_half(tmp_path, separable_model, tokenizer,
+                                                                      collator):
+    """With top_fraction 0.5 the set still has exactly the target counts; at most half of each batch's candidates
+    are accepted, each kept sample's margin is at least its batch's median, and the rule is in the metadata;
+    resuming with another fraction is another filter (refused)."""
+    from ghostdp.integrations.synthetic.synthesize import ResumeMismatchError
+
+    rng = random.Random(2)
+    texts = sorted({_text(rng, lb) for _ in range(60) for lb in LABELS})
+    gen = ScriptedLM([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], collator.eos_token_id)
+    scorer = LabelScorer(separable_model, collator, LABELS)
+    cfg = SynthesizeConfig(num_samples=6, per_label=True, gen_batch_size=6, max_batches_factor=3,
+                           filter_margin=-1e9, filter_top_fraction=0.5)
+    targets = {"negative": 7, "positive": 9}
+    res = synthesize(gen, tokenizer, collator, LABELS, cfg, tmp_path, targets=targets, model_info=MODEL_INFO,
+                     show_progress=False, sample_filter=MarginFilter(scorer, -1e9, 0.5))
+    assert res.complete and res.counts == targets
+    meta = json.loads(res.meta.read_text())
+    assert meta["filter"]["top_fraction"] == 0.5 and "top_fraction" in meta["filter"]["rule"]
+    rows = read_synthetic(res.jsonl)
+    per_batch = Counter((r["label"], r["batch"]) for r in rows)
+    assert max(per_batch.values()) <= 3  # ceil(0.5 * 6) of each batch of 6
+    for r in rows:  # the margin the filter recorded is the scorer's
+        assert r["margin"] == pytest.approx(float(scorer.margins([r["text"]], [r["label"]])[0]), abs=1e-3)
+    # The same seeds without the fraction keep whatever comes (the threshold does not bind): about half of the
+    # candidates carry the other label's words, and the fraction keeps fewer of those.
+    plain = synthesize(gen, tokenizer, collator, LABELS, replace(cfg, filter_top_fraction=1.0), tmp_path / "plain",
+                       targets=targets, model_info=MODEL_INFO, show_progress=False,
+                       sample_filter=MarginFilter(scorer, -1e9))
+    right = [sum(r["margin"] > 0 for r in read_synthetic(x.jsonl)) for x in (res, plain)]
+    assert right[0] > right[1]
+    assert "top fraction 0.5" in filter_section(meta["filter"])
+    with pytest.raises(ResumeMismatchError, match="top_fraction"):
+        synthesize(gen, tokenizer, collator, LABELS, cfg, tmp_path, targets=targets, model_info=MODEL_INFO,
+                   show_progress=False, sample_filter=MarginFilter(scorer, -1e9, 0.25))
+
+
+def test_the_batch_cap_grows_with_the_share_a_batch_can_keep(tmp_path, separable_model, tokenizer, collator):
+    """max_batches_factor counts the batches a label needs at the kept share: with top_fraction 0.5 a batch of 6
+    keeps at most 3, so 7 samples need 3 batches, which max_batches_factor 1 (2 batches of 6 at the full share)
+    must still allow."""
+    texts = [f"{a} {b}" for a in FILLER for b in POS + NEG]  # 32 distinct texts
+    gen = ScriptedLM([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], collator.eos_token_id)
+    cfg = SynthesizeConfig(num_samples=7, per_label=True, gen_batch_size=6, max_batches_factor=1.0,
+                           filter_margin=-1e9, filter_top_fraction=0.5, dedup=False)
+    res = synthesize(gen, tokenizer, collator, LABELS, cfg, tmp_path, targets={"negative": 7, "positive": 7},
+                     model_info=MODEL_INFO, show_progress=False,
+                     sample_filter=MarginFilter(LabelScorer(separable_model, collator, LABELS), -1e9, 0.5))
+    assert res.complete and res.counts == {"negative": 7, "positive": 7}
+    assert {r["batch"] for r in read_synthetic(res.jsonl)} == {0, 1, 2}

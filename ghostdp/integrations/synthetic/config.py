@@ -302,9 +302,14 @@ class SynthesizeConfig:
         "Keep a sample only if the DP generator scores it as its own label by more than this margin: log p(x | "
         "prefix(label)) - max over other labels log p(x | prefix(other)) > filter_margin, generating more until "
         "the targets are met (none: no filter). Post-processing of the DP model: costs no privacy."))
+    filter_top_fraction: float = field(default=1.0, metadata=_help(
+        "With the label filter on, keep at most this fraction of each batch's candidates: those with the largest "
+        "margins above filter_margin (1: every candidate above it). 0.5 generates about twice as many candidates "
+        "and keeps the half the DP generator finds most typical of their label. Post-processing: costs no privacy."))
     max_batches_factor: float = field(default=4.0, metadata=_help(
-        "Stop a label after this many times the batches it would need without duplicates (a degenerate "
-        "generator must not loop forever); the shortfall is reported."))
+        "Stop a label after this many times the batches it would need without duplicates (divided by "
+        "filter_top_fraction, which keeps only that share of a batch), so a degenerate generator cannot loop "
+        "forever; the shortfall is reported."))
 
     def __post_init__(self) -> None:
         owner = "synthesize"
@@ -316,6 +321,10 @@ class SynthesizeConfig:
         _positive_int(owner, "top_k", self.top_k, minimum=0)
         _positive_int(owner, "max_new_tokens", self.max_new_tokens, allow_none=True)
         _number(owner, "filter_margin", self.filter_margin, low=-math.inf, allow_none=True)
+        _number(owner, "filter_top_fraction", self.filter_top_fraction, low=0, high=1)
+        _check(self.filter_top_fraction == 1 or self.filter_margin is not None,
+               f"synthesize.filter_top_fraction={self.filter_top_fraction!r} selects by the label filter's margin, but "
+               "the filter is off (filter_margin none): set filter_margin (e.g. 0), or filter_top_fraction 1.")
         _positive_int(owner, "gen_batch_size", self.gen_batch_size)
         _positive_int(owner, "sample_seed", self.sample_seed, minimum=0)
         _check(isinstance(self.dedup, bool), f"synthesize.dedup={self.dedup!r}: need true or false.")

@@ -323,7 +323,8 @@ def _floor_samples(config: RunConfig, paths: Any, gen: Any, synthetic_counts: di
     with gen.base_model() as base:
         # With the label filter on, the floor is filtered by the base model's own likelihood ratio, so the
         # floor stays "what the base model gives with the same recipe", not "without the filter".
-        base_filter = margin_filter_for(gen, config.synthesize.filter_margin, model=base)
+        base_filter = margin_filter_for(gen, config.synthesize.filter_margin, model=base,
+                                        top_fraction=config.synthesize.filter_top_fraction)
 
         def run():
             synthesize(base, gen.tokenizer, gen.collator, gen.label_names, config.synthesize, folder,

@@ -13,7 +13,8 @@ Both uses read only the DP fine-tuned generator and inputs that are not private 
   have written x under y than under any other label. The samples and the model are both outputs of the
   DP mechanism, so the filter is post-processing: it costs no privacy. The synthesis loop over-generates
   until every label has its requested count, and records per label how many candidates were scored and
-  how many were kept (the acceptance rate).
+  how many were kept (the acceptance rate). With a top fraction f < 1, only the ceil(f n) largest margins
+  of each batch of n candidates are kept (over-generate about 1/f times and select).
 * **The generator as classifier**: predict ``argmax_y ll(x, y)`` for a held-out text. A free baseline
   (no classifier is trained on anything) that shows how much label signal DP fine-tuning put into the
   generator, independently of how well sampling brings it out.
@@ -26,6 +27,7 @@ gets no EOS, as in training (``collators.py``).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,42 +227,69 @@ class LabelScorer:
 class MarginFilter:
     """Keep a sample generated for ``label`` only if its margin exceeds ``threshold`` (post-processing).
 
+    With ``top_fraction`` f < 1, also keep at most ``ceil(f * n)`` of a batch's n candidates: those with the
+    largest margins (ties go to the earlier candidate). The synthesis loop then generates about 1/f times as
+    many candidates and keeps the ones the generator finds most typical of their label: "over-generate and
+    select", still post-processing of the DP model alone.
+
     Called by :func:`ghostdp.integrations.synthetic.synthesize.synthesize` once per batch with the batch's
     candidate texts; returns ``[(keep, margin)]`` in the same order.
+
+    Raises:
+        ValueError: ``top_fraction`` outside (0, 1].
     """
 
     scorer: LabelScorer
     threshold: float = 0.0
+    top_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.top_fraction <= 1.0):
+            raise ValueError(f"MarginFilter.top_fraction={self.top_fraction!r}: need a fraction in (0, 1] of each "
+                             "batch's candidates to keep (1: every candidate above the threshold).")
 
     def __call__(self, label: str, texts: Sequence[str]) -> list[tuple[bool, float]]:
         if not texts:
             return []
         m = self.scorer.margins(texts, [label] * len(texts))
-        return [(bool(v > self.threshold), float(v)) for v in m]
+        keep = m > self.threshold
+        if self.top_fraction < 1.0:
+            k = math.ceil(self.top_fraction * len(texts))
+            order = np.argsort(-m, kind="stable")  # largest margin first, earlier candidate first on ties
+            top = np.zeros(len(texts), dtype=bool)
+            top[order[:k]] = True
+            keep &= top
+        return [(bool(kp), float(v)) for kp, v in zip(keep, m, strict=True)]
 
     def describe(self) -> dict[str, Any]:
         """What goes into the synthesis metadata (and its resume fingerprint)."""
-        return {
+        rule = "keep if log p(x | prefix(y)) - max_{y' != y} log p(x | prefix(y')) > threshold"
+        info: dict[str, Any] = {
             "kind": "label likelihood-ratio margin of the DP generator",
-            "rule": "keep if log p(x | prefix(y)) - max_{y' != y} log p(x | prefix(y')) > threshold",
+            "rule": rule,
             "threshold": float(self.threshold),
             "max_text_tokens": self.scorer.text_budget,
             "privacy": "post-processing of the DP generator and its own samples: costs no privacy, reads no "
                        "private data",
         }
+        if self.top_fraction < 1.0:  # absent at 1, so sets filtered before the option existed still resume
+            info["top_fraction"] = float(self.top_fraction)
+            info["rule"] = rule + ", and the margin is among the top_fraction largest of its batch"
+        return info
 
 
-def margin_filter_for(generator: Any, threshold: float | None, *, model: torch.nn.Module | None = None,
-                      show_progress: bool = False) -> MarginFilter | None:
+def margin_filter_for(generator: Any, threshold: float | None, *, top_fraction: float = 1.0,
+                      model: torch.nn.Module | None = None, show_progress: bool = False) -> MarginFilter | None:
     """The filter for a loaded generator (``synthesize.LoadedGenerator``), or None when ``threshold`` is None.
 
-    ``model``: score with this model instead of ``generator.model`` (the base model, for the floor).
+    ``top_fraction``: see :class:`MarginFilter`. ``model``: score with this model instead of
+    ``generator.model`` (the base model, for the floor).
     """
     if threshold is None:
         return None
     scorer = LabelScorer(model if model is not None else generator.model, generator.collator, generator.label_names,
                          device=generator.device, show_progress=show_progress)
-    return MarginFilter(scorer, float(threshold))
+    return MarginFilter(scorer, float(threshold), float(top_fraction))
 
 
 def generator_classifier_metrics(
@@ -300,7 +329,9 @@ def filter_section(filter_meta: Mapping[str, Any] | None) -> str:
     rates = filter_meta.get("acceptance_rate", {})
     counts = filter_meta.get("counts", {})
     lines = ["## Label filter (post-processing of the DP generator: costs no privacy)", "",
-             (f"Kept a sample only if {filter_meta['rule']}, threshold {filter_meta['threshold']:g}. The filter "
+             (f"Kept a sample only if {filter_meta['rule']}, threshold {filter_meta['threshold']:g}"
+              + (f", top fraction {filter_meta['top_fraction']:g}" if "top_fraction" in filter_meta else "")
+              + ". The filter "
               "reads the DP model and its own samples only; more samples were generated until every label had its "
               "count."),
              "", "| label | scored | accepted | acceptance rate |", "| --- | --- | --- | --- |"]

@@ -518,10 +518,11 @@ def synthesize_step(
         }
         from ghostdp.integrations.synthetic.label_scoring import margin_filter_for
 
+        sample_filter = margin_filter_for(gen, scfg.filter_margin, top_fraction=scfg.filter_top_fraction)
         try:
             result = synthesize(gen.model, gen.tokenizer, gen.collator, gen.label_names, scfg, paths.synthetic,
                                 targets=targets, model_info=model_info, device=gen.device, max_batches=max_batches,
-                                show_progress=show_progress, sample_filter=margin_filter_for(gen, scfg.filter_margin))
+                                show_progress=show_progress, sample_filter=sample_filter)
         except ResumeMismatchError as exc:
             raise ConfigError(str(exc)) from None
         record_config(config, paths, gen.info)

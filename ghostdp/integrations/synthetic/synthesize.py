@@ -553,8 +553,9 @@ def repair_csv(out_dir: str | Path) -> bool:
 def _sampling_params(config: SynthesizeConfig) -> dict[str, Any]:
     """The parameters that decide *which* samples come out (the targets only decide how many)."""
     d = asdict(config)
-    for k in ("num_samples", "per_label", "label_proportions", "max_batches_factor", "filter_margin"):
-        d.pop(k)  # filter_margin: the filter actually passed to synthesize() is fingerprinted on its own
+    for k in ("num_samples", "per_label", "label_proportions", "max_batches_factor", "filter_margin",
+              "filter_top_fraction"):
+        d.pop(k)  # the filter's settings: the filter actually passed to synthesize() is fingerprinted on its own
     return d
 
 
@@ -612,6 +613,7 @@ def synthesize(
         config = replace(config, max_new_tokens=generation_budget(collator, labels))
     sampling = _sampling_params(config)
     filter_info = sample_filter.describe() if sample_filter is not None else None
+    top_fraction = float((filter_info or {}).get("top_fraction", 1.0))  # the share of a batch the filter can keep
     fingerprint = _fingerprint(str(model_info["model_id"]),
                                sampling if filter_info is None else {**sampling, "filter": filter_info}, prefixes)
 
@@ -691,7 +693,7 @@ def synthesize(
         with jsonl.open("a", encoding="utf-8") as fh:
             for li, label in enumerate(labels):
                 target = int(targets.get(label, 0))
-                cap = math.ceil(math.ceil(target / bs) * config.max_batches_factor)
+                cap = math.ceil(math.ceil(target / bs) * config.max_batches_factor / top_fraction)
                 while counts[label] < target:
                     b = next_batch[label]
                     if b >= cap:
