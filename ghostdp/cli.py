@@ -366,16 +366,17 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> int | None
     if ns.command == "train":
         gen = pipeline.train(config, run_dir, show_progress=show)
         p = gen.info["privacy"]
-        print(f"Generator: {run_dir / pipeline.MODEL_DIR}\n"
-              f"{_not_private(p.get('dp_seed'))}"
-              f"(epsilon={p['epsilon_total']:.4g}, delta={p['delta']:.3g})-DP ({p['epsilon_train']:.4g} DP-SGD over "
-              f"{p['steps']} steps, noise multiplier {p['noise_multiplier']:.4g}; "
-              f"{p['epsilon_labels']:.4g} label proportions)")
+        print(f"Generator: {run_dir / pipeline.MODEL_DIR}\n{_not_private(p.get('dp_seed'), p['epsilon_total'])}"
+              + ("" if p["epsilon_total"] is None else
+                 f"(epsilon={p['epsilon_total']:.4g}, delta={p['delta']:.3g})-DP ({p['epsilon_train']:.4g} DP-SGD over "
+                 f"{p['steps']} steps, noise multiplier {p['noise_multiplier']:.4g}; "
+                 f"{p['epsilon_labels']:.4g} label proportions)"))
     elif ns.command == "synthesize":
         result = pipeline.synthesize_step(config, run_dir, show_progress=show, max_batches=ns.max_batches)
         state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
         privacy = json.loads(result.meta.read_text(encoding="utf-8")).get("privacy") or {}
-        print(f"{_not_private(privacy.get('dp_seed'))}Synthetic data: {result.jsonl} "
+        banner = _not_private(privacy.get("dp_seed"), privacy.get("epsilon_total", 0.0))
+        print(f"{banner}Synthetic data: {result.jsonl} "
               f"({sum(result.counts.values())} samples {result.counts}; {state})")
     elif ns.command == "evaluate" and ns.hparam_grid is not None:
         from ghostdp.integrations.synthetic import hparam
@@ -430,7 +431,11 @@ def _print_audit(run_dir: Path) -> int | None:
     return EXIT_AUDIT_EXCEEDS
 
 
-def _not_private(dp_seed: Any) -> str:
+def _not_private(dp_seed: Any, epsilon: Any = 0.0) -> str:
+    """The NOT PRIVATE line for a run trained with epsilon inf (``epsilon`` None) or a known dp_seed; else ""."""
+    if epsilon is None:
+        return ("NOT PRIVATE: trained with epsilon inf (no noise, no clipping); a baseline for comparisons, never "
+                "a release\n")
     if dp_seed is None:
         return ""
     return (f"NOT PRIVATE: trained with the known dp_seed={dp_seed} (the noise can be reproduced and removed; the "
@@ -440,8 +445,9 @@ def _not_private(dp_seed: Any) -> str:
 def _print_headline(h: dict[str, Any], report: Path, timings: dict[str, float] | None = None) -> None:
     incomplete = ("" if h.get("synthetic_complete", True) else
                   f" (INCOMPLETE: {h['n_synthetic']} of {h.get('n_target')}; re-run synthesize to finish)")
-    first = (f"{_not_private(h.get('dp_seed'))}(epsilon={_fmt(h['epsilon'])}, delta={_fmt(h['delta'])})-DP "
-             f"synthetic data, {h['n_synthetic']} samples{incomplete}")
+    guarantee = ("synthetic data (NOT private)" if h["epsilon"] is None else
+                 f"(epsilon={_fmt(h['epsilon'])}, delta={_fmt(h['delta'])})-DP synthetic data")
+    first = f"{_not_private(h.get('dp_seed'), h['epsilon'])}{guarantee}, {h['n_synthetic']} samples{incomplete}"
     lines = [
         first,
         f"accuracy on real held-out data: synthetic {_fmt(h['accuracy_synthetic'])} | DP on real "

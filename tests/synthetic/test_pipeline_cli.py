@@ -4,6 +4,7 @@ and one run on the real embedded SmolLM2 and MiniLM."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -129,6 +130,12 @@ def test_config_round_trips_through_toml(tmp_path):
     path = _write(tmp_path / "config.toml", run_config_to_toml(config))
     assert build_run_config(load_toml(path)) == config
     assert config.data.label_names == (("0", "neg"), ("1", "pos"))
+    # epsilon inf (the NOT private baseline) is a float TOML spells `inf`; it was written as "none" and read back
+    # as a refusal, so a non-private run folder could not be evaluated again.
+    inf = build_run_config(merge_overrides(PRESETS["cpu-demo"], {"train": {"target_epsilon": math.inf}}))
+    path = _write(tmp_path / "inf.toml", run_config_to_toml(inf))
+    assert "target_epsilon = inf" in path.read_text()
+    assert build_run_config(load_toml(path)) == inf
 
 
 def test_config_dataclasses_are_frozen_and_explain_errors():
@@ -249,6 +256,40 @@ def test_tiny_pipeline_end_to_end(tiny_setup, capsys):
     after = (run / "synthetic" / "synthetic.jsonl").read_bytes()
     assert after.startswith(before) and after.count(b"\n") == 30
     assert "num_samples = 30" in (run / "config.toml").read_text()
+
+
+def test_a_not_private_pipeline_runs_end_to_end_and_says_so(tiny_setup, capsys):
+    """epsilon inf (no noise, no clipping) through the pipeline, twice with --seeds: it used to train, then crash
+    in evaluation (the DP-on-real baseline asked for the generator's epsilon, None). Every artefact says NOT
+    PRIVATE, the DP-on-real row is n/a (no budget to match) until evaluate.dp_epsilon names one."""
+    root, cfg = tiny_setup
+    run = root / "inf"
+    assert main(["pipeline", "--config", str(cfg), "--run-dir", str(run), "--target-epsilon", "inf", "--seeds", "2",
+                 "--no-progress"]) == 0
+    for seed in ("seed-0", "seed-1"):
+        sub = run / seed
+        metrics = json.loads((sub / "metrics.json").read_text())
+        assert metrics["accuracy"]["dp_on_real"] is None and metrics["accuracy"]["synthetic"] is not None
+        assert metrics["metrics"]["privacy"]["epsilon_total"] is None
+        assert metrics["metrics"]["privacy"]["not_private"]
+        assert "not trained" in metrics["metrics"]["dp_baseline"]["note"]
+        assert "**NOT PRIVATE.**" in (sub / "report.md").read_text()
+        assert (sub / "training.png").is_file()
+    summary = json.loads((run / "seeds.json").read_text())
+    assert summary["epsilon"]["n"] == 0 and summary["runs"] == 2
+    assert "NOT PRIVATE" in capsys.readouterr().out
+    # Each command alone says so too (`train` printed the epsilon with a format that None broke).
+    assert main(["train", "--config", str(cfg), "--run-dir", str(root / "inf1"), "--target-epsilon", "inf",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT PRIVATE: trained with epsilon inf" in out and "-DP" not in out
+    assert main(["synthesize", "--run-dir", str(root / "inf1"), "--no-progress"]) == 0
+    assert "NOT PRIVATE: trained with epsilon inf" in capsys.readouterr().out
+    # A DP baseline at a budget the user names: evaluate alone, on the same folder.
+    assert main(["evaluate", "--run-dir", str(run / "seed-0"), "--dp-epsilon", "1", "--no-progress"]) == 0
+    metrics = json.loads((run / "seed-0" / "metrics.json").read_text())
+    assert metrics["accuracy"]["dp_on_real"]["epsilon"] <= 1.0
+    assert metrics["metrics"]["dp_baseline"]["target_epsilon"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------

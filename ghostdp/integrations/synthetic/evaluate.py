@@ -148,6 +148,35 @@ def _mauve(p: np.ndarray, q: np.ndarray, clusters: int | None, seed: int):
     return compute_mauve(p, q, MauveConfig(num_clusters=k, seed=seed))
 
 
+def _dp_on_real(config: RunConfig, private: LabelledTexts, heldout: LabelledTexts, embedder: Any,
+                emb: Mapping[str, np.ndarray], dp_eps: float, delta: float, show_progress: bool
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The DP-on-real row (a classifier trained with DP-SGD on the private rows at ``dp_eps``) and its record."""
+    ecfg = config.evaluate
+    names = heldout.label_names
+    dcfg = DPClassifierConfig(
+        target_epsilon=dp_eps, delta=delta, steps=ecfg.dp_steps, batch_size=ecfg.dp_batch_size,
+        learning_rate=ecfg.dp_learning_rate, max_grad_norm=ecfg.dp_max_grad_norm, seed=ecfg.eval_seed,
+        dp_seed=config.train.dp_seed, show_progress=show_progress,
+        device=eval_device(config),
+    )
+    if ecfg.dp_classifier == "linear_probe":
+        dp = DPLinearProbe(embedder, dcfg).fit_embeddings(emb["private"], private.labels, names)
+        dp_pred = dp.predict_embeddings(emb["heldout"])
+        kind = "DP-SGD (ghostdp PrivacyEngine + PoissonBatchSampler) on a linear head over frozen MiniLM embeddings"
+    else:
+        dp = DPMiniLMClassifier(dcfg).fit(LabelledTexts(private.texts, private.labels, names, source=private.source))
+        dp_pred = dp.predict(heldout.texts)
+        kind = "DP-SGD (ghostdp PrivacyEngine + PoissonBatchSampler) on every MiniLM parameter + linear head"
+    row = classification_metrics(heldout.labels, dp_pred, names)
+    row.update({"n_train": len(private), "epsilon": dp.epsilon, "delta": delta})
+    record = {"kind": kind, "epsilon": dp.epsilon, "target_epsilon": dp_eps, "delta": delta,
+              "noise_multiplier": dp.noise_multiplier, "steps": ecfg.dp_steps,
+              "expected_batch": min(ecfg.dp_batch_size, len(private)), "learning_rate": ecfg.dp_learning_rate}
+    logger.info("accuracy[dp_on_real] = %.4f at epsilon=%.4g", row["accuracy"], dp.epsilon)
+    return row, record
+
+
 def evaluate_synthetic(
     *,
     synthetic: LabelledTexts,
@@ -156,7 +185,7 @@ def evaluate_synthetic(
     floor: LabelledTexts | None,
     embedder: Any,
     config: RunConfig,
-    epsilon: float,
+    epsilon: float | None,
     delta: float,
     show_progress: bool = True,
     extra_train_sets: Mapping[str, LabelledTexts] | None = None,
@@ -168,7 +197,8 @@ def evaluate_synthetic(
 
     Returns ``{"accuracies": {...}, "label_fidelity": ..., "mauve": ..., "memorization": ...,
     "lengths": ..., "dp_baseline": ...}``; ``epsilon``/``delta`` are the DP baseline's budget (unless
-    ``evaluate.dp_epsilon`` overrides epsilon).
+    ``evaluate.dp_epsilon`` overrides epsilon). ``epsilon`` None (a NOT private generator) without
+    ``evaluate.dp_epsilon``: the DP-on-real row is None (n/a), as there is no budget to match.
     """
     from ghostdp.integrations.synthetic.memorization import memorization_report
     from ghostdp.integrations.synthetic.report import length_stats
@@ -216,27 +246,16 @@ def evaluate_synthetic(
         emb[key] = embedder.embed(train_set.texts)
         accuracies[key] = train_eval(key, train_set)[0]
 
-    dp_eps = planning.baseline_epsilon(ecfg.dp_epsilon, epsilon)
-    dcfg = DPClassifierConfig(
-        target_epsilon=dp_eps, delta=delta, steps=ecfg.dp_steps, batch_size=ecfg.dp_batch_size,
-        learning_rate=ecfg.dp_learning_rate, max_grad_norm=ecfg.dp_max_grad_norm, seed=ecfg.eval_seed,
-        dp_seed=config.train.dp_seed, show_progress=show_progress,
-        device=eval_device(config),
-    )
-    if ecfg.dp_classifier == "linear_probe":
-        dp = DPLinearProbe(embedder, dcfg).fit_embeddings(emb["private"], private.labels, names)
-        dp_pred = dp.predict_embeddings(emb["heldout"])
-        kind = "DP-SGD (ghostdp PrivacyEngine + PoissonBatchSampler) on a linear head over frozen MiniLM embeddings"
+    if epsilon is None and ecfg.dp_epsilon is None:  # a NOT private generator (epsilon inf): no budget to match
+        accuracies["dp_on_real"] = None
+        dp_baseline = {"kind": None, "epsilon": None,
+                       "note": "not trained: the generator is NOT private (epsilon inf), so there is no epsilon to "
+                               "match; set evaluate.dp_epsilon to train the DP baseline at a budget of your choice"}
+        logger.info("accuracy[dp_on_real]: not trained (the generator is not private; evaluate.dp_epsilon is none)")
     else:
-        dp = DPMiniLMClassifier(dcfg).fit(LabelledTexts(private.texts, private.labels, names, source=private.source))
-        dp_pred = dp.predict(heldout.texts)
-        kind = "DP-SGD (ghostdp PrivacyEngine + PoissonBatchSampler) on every MiniLM parameter + linear head"
-    accuracies["dp_on_real"] = classification_metrics(heldout.labels, dp_pred, names)
-    accuracies["dp_on_real"].update({"n_train": len(private), "epsilon": dp.epsilon, "delta": delta})
-    dp_baseline = {"kind": kind, "epsilon": dp.epsilon, "target_epsilon": dp_eps, "delta": delta,
-                   "noise_multiplier": dp.noise_multiplier, "steps": ecfg.dp_steps,
-                   "expected_batch": min(ecfg.dp_batch_size, len(private)), "learning_rate": ecfg.dp_learning_rate}
-    logger.info("accuracy[dp_on_real] = %.4f at epsilon=%.4g", accuracies["dp_on_real"]["accuracy"], dp.epsilon)
+        accuracies["dp_on_real"], dp_baseline = _dp_on_real(config, private, heldout, embedder, emb,
+                                                            planning.baseline_epsilon(ecfg.dp_epsilon, epsilon),
+                                                            delta, show_progress)
 
     fidelity: dict[str, Any] = {}
     if ceiling is not None:
@@ -377,6 +396,13 @@ _PRIVACY_NOTE = """\
 > label proportions; basic composition).
 > This report is NOT a release: the "real (non-private ceiling)" classifier, the memorisation check and its
 > worst cases below use the private training data directly, and quote it.
+"""
+
+_NOT_PRIVATE_NOTE = """\
+> **NOT PRIVATE.** The generator was trained with epsilon = inf: no noise and no clipping. `model/` and
+> `synthetic/` are NOT differentially private and must not be released; this run is a baseline for comparisons.
+> The "DP-trained on real" row is n/a unless evaluate.dp_epsilon names a budget. This report uses the private
+> training data directly, and quotes it.
 """
 
 
@@ -523,8 +549,11 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
     title = (f"ghostdp DP synthetic text: {Path(config.data.train_data).name} -> {gen.info['base_model']} "
              f"({gen.info['method']})")
     # Privacy note under the title, memorisation worst cases at the end: written with the report, in one go.
-    note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"],
-                                eps_train=privacy["epsilon_train"], eps_labels=privacy["epsilon_labels"])
+    if privacy.get("epsilon_total") is None:  # trained with epsilon inf: no noise, no clipping
+        note = _NOT_PRIVATE_NOTE
+    else:
+        note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"],
+                                    eps_train=privacy["epsilon_train"], eps_labels=privacy["epsilon_labels"])
     if privacy.get("dp_seed") is not None:
         note = (f"> **NOT PRIVATE: trained with the known dp_seed={privacy['dp_seed']}**, so the noise can be "
                 "reproduced and removed; the epsilon below holds only if the seed is secret (tests only).\n>\n"
@@ -547,7 +576,7 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         "epsilon": privacy["epsilon_total"], "delta": privacy["delta"],
         "accuracy_synthetic": (acc["synthetic"] or {}).get("accuracy"),
         "accuracy_real_ceiling": (acc["real_ceiling"] or {}).get("accuracy"),
-        "accuracy_dp_on_real": acc["dp_on_real"]["accuracy"],
+        "accuracy_dp_on_real": (acc["dp_on_real"] or {}).get("accuracy"),
         "accuracy_prior_floor": (acc["prior_floor"] or {}).get("accuracy"),
         "accuracy_real_matched": (acc.get("real_matched") or {}).get("accuracy"),
         "accuracy_generator_classifier": (acc.get("generator_classifier") or {}).get("accuracy"),

@@ -139,14 +139,16 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_training(training_log: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Training loss against the epsilon spent so far."""
-    eps = [float(r["epsilon"]) for r in training_log]
+    """Training loss against the epsilon spent so far; against the logged row's index when a row has no
+    epsilon (None: a NOT private run, trained with epsilon inf)."""
+    private = all(r["epsilon"] is not None for r in training_log)
+    x = [float(r["epsilon"]) for r in training_log] if private else list(range(1, len(training_log) + 1))
     loss = [float(r["loss"]) for r in training_log]
     fig, ax = _new_figure()
-    ax.plot(eps, loss, marker="." if len(eps) < 50 else None, linewidth=1.2)
-    ax.set_xlabel("epsilon spent")
+    ax.plot(x, loss, marker="." if len(x) < 50 else None, linewidth=1.2)
+    ax.set_xlabel("epsilon spent" if private else "logged step")
     ax.set_ylabel("training loss")
-    ax.set_title("Training loss vs privacy spent")
+    ax.set_title("Training loss vs privacy spent" if private else "Training loss (NOT private: no epsilon)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -52,7 +52,8 @@ def aggregate_runs(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean and std across runs of every accuracy row (from each run's ``metrics.json``).
 
     Returns ``{"runs": n, "accuracy": {row: {"accuracy": ms, "macro_f1": ms, "recall_gap": ms,
-    "recall": {class: ms}}}, "gaps": {row: ms}, "label_fidelity": ms, "epsilon": ms}`` with ``ms`` from
+    "recall": {class: ms}}}, "gaps": {row: ms}, "label_fidelity": ms, "epsilon": ms, "not_private": k}`` with
+    ``k`` the runs trained with epsilon inf and ``ms`` from
     :func:`mean_std`. A row that is n/a in some runs is averaged over the others (its ``n`` says how many).
     ``gaps[row]`` is the paired difference, synthetic accuracy minus ``row``'s accuracy within each run (the
     issue-11 goals are gaps: synthetic >= floor + 10 points, >= DP-on-real - 8 points); its std is that of
@@ -78,6 +79,7 @@ def aggregate_runs(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["label_fidelity"] = mean_std([((o.get("label_fidelity") or {}).get("synthetic") or {}).get("label_fidelity")
                                       for o in other])
     out["epsilon"] = mean_std([(o.get("privacy") or {}).get("epsilon_total") for o in other])
+    out["not_private"] = sum(bool((o.get("privacy") or {}).get("not_private")) for o in other)  # runs at epsilon inf
     return out
 
 
@@ -103,10 +105,16 @@ def seeds_markdown(summary: Mapping[str, Any], labels: Mapping[str, str] | None 
     if labels is None:
         from ghostdp.integrations.synthetic.report import ACCURACY_ENTRIES as labels
     n = summary["runs"]
-    lines = [f"# {n} DP runs with fresh noise: mean ± std", "",
-             (f"Each run trained its own generator on the same private data (epsilon {_pm(summary['epsilon'])} "
-              f"each). Together they would be {n} times that by composition: this measures the variance of the "
-              "method; release at most one run."), "",
+    if summary.get("not_private"):
+        head = [f"# {n} runs, NOT PRIVATE (epsilon inf: no noise, no clipping): mean ± std", "",
+                (f"{summary['not_private']} of the {n} runs trained without noise or clipping: a baseline for "
+                 "comparisons, never a release.")]
+    else:
+        head = [f"# {n} DP runs with fresh noise: mean ± std", "",
+                (f"Each run trained its own generator on the same private data (epsilon {_pm(summary['epsilon'])} "
+                 f"each). Together they would be {n} times that by composition: this measures the variance of the "
+                 "method; release at most one run.")]
+    lines = [*head, "",
              "| row | accuracy | macro-F1 | largest recall gap | recall per class | runs |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row, agg in summary["accuracy"].items():

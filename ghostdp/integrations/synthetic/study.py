@@ -204,10 +204,9 @@ def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool, shar
     floor = evaluate._floor_samples(config, paths, gen, synthesis.counts, show_progress, shared)
     ppl = evaluate._perplexities(config, gen, heldout, show_progress, shared)
     embedder = evaluate.make_embedder(config, show_progress, shared)
-    # evaluate_synthetic always fits its DP-on-real classifier; at epsilon inf that row is replaced below, so
-    # it runs at a nominal budget of 1 and is discarded.
+    # epsilon None: no DP-on-real classifier (there is no budget to match); the real-data row stands there.
     res = evaluate.evaluate_synthetic(synthetic=synthetic, private=private, heldout=heldout, floor=floor,
-                                      embedder=embedder, config=config, epsilon=1.0, delta=gen.info["privacy"]["delta"],
+                                      embedder=embedder, config=config, epsilon=None, delta=gen.info["privacy"]["delta"],
                                       show_progress=show_progress)
     acc = res["accuracies"]
     acc["generator_classifier"] = eval_rows.generator_row(config, gen, heldout, show_progress=show_progress)
