@@ -42,8 +42,8 @@ flags can change any of its values (``ghostdp pipeline --preset cpu-demo --num-s
 ``study-cpu``
     One cell of ``ghostdp study`` (the fine-tuning method x epsilon grid) for a 2-core CPU, on 2,000 SST-2 train
     rows: cpu-demo's LoRA placement with the plain prefix "A {label} movie review:\n" and max_length 24, 12 DP steps
-    of 64 expected examples, 160 samples (and as many floor samples), a 300-row held-out slice and 32 perplexity
-    rows. Prompt tuning: 20 randomly initialised virtual tokens (11,520 parameters on SmolLM2-135M); full
+    of 64 expected examples, 160 samples (and as many floor samples; every candidate above the margin is kept,
+    not cpu-demo's top half of each batch), a 300-row held-out slice and 32 perplexity rows. Prompt tuning: 20 randomly initialised virtual tokens (11,520 parameters on SmolLM2-135M); full
     fine-tuning trains all 134.5M parameters. The cells share their evaluation's fixed parts (embeddings of the real
     rows, the base model's perplexity, the prior-knowledge floor: ``shared_eval``). Measured on the project's 2-core
     CPU (bench/results/study_cpu.md): the whole 12-cell grid ``--methods lora,prompt,full --epsilons 1,3,8,inf
@@ -108,7 +108,7 @@ PRESETS["study-cpu"] = copy.deepcopy(PRESETS["cpu-demo"])
 PRESETS["study-cpu"]["data"].update(train_rows=2000, eval_rows=300)
 PRESETS["study-cpu"]["train"].update(logical_batch_size=64, max_steps=12, prompt_tokens=20, max_length=24,
                                      template="A {label} movie review:\n", chat_template=False)
-PRESETS["study-cpu"]["synthesize"].update(num_samples=160)
+PRESETS["study-cpu"]["synthesize"].update(num_samples=160, filter_top_fraction=1.0)  # as measured in study_cpu.md
 PRESETS["study-cpu"]["evaluate"].update(dp_steps=100, perplexity_rows=32)
 PRESETS["study-gpu"] = copy.deepcopy(PRESETS["sst2-full"])
 PRESETS["study-gpu"]["train"].update(prompt_tokens=20)
