@@ -347,6 +347,26 @@ def test_interrupted_training_resumes_exactly_from_its_last_checkpoint(setup, mo
     assert not (run / "private" / "trainer").exists()
 
 
+def test_an_interrupted_not_private_training_resumes_and_stays_marked(setup, monkeypatch, capsys):
+    """epsilon inf through the interruption path: the checkpoint's privacy summary holds epsilon inf, the resumed
+    run finishes, and its generator is the uninterrupted one, marked NOT PRIVATE with null epsilons."""
+    root, cfg = setup
+    four = cfg("four.toml", steps=4)
+    assert _train(four, root / "straight", "--target-epsilon", "inf") == 0
+    run = root / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 4)
+        assert _train(four, run, "--target-epsilon", "inf") == 130
+    capsys.readouterr()
+    assert _train(four, run, "--target-epsilon", "inf") == 0
+    assert "NOT PRIVATE: trained with epsilon inf" in capsys.readouterr().out
+    info = json.loads((run / "model" / "ghostdp_model.json").read_text())
+    assert info["privacy"]["epsilon_total"] is None and info["privacy"]["not_private"] and info["privacy"]["steps"] == 4
+    a, b = _adapter(root / "straight"), _adapter(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "target_epsilon = inf" in (run / "config.toml").read_text()
+
+
 def test_killed_between_the_model_files_and_their_metadata_resumes_at_the_final_checkpoint(setup, monkeypatch,
                                                                                         caplog):
     """model/ counts as trained once ghostdp_model.json is there (written last): before that, a rerun resumes from
