@@ -273,10 +273,14 @@ def test_a_not_private_pipeline_runs_end_to_end_and_says_so(tiny_setup, capsys):
         assert metrics["metrics"]["privacy"]["epsilon_total"] is None
         assert metrics["metrics"]["privacy"]["not_private"]
         assert "not trained" in metrics["metrics"]["dp_baseline"]["note"]
-        assert "**NOT PRIVATE.**" in (sub / "report.md").read_text()
+        report = (sub / "report.md").read_text()
+        assert "**NOT PRIVATE.**" in report and "| trained on synthetic (NOT private) |" in report
+        assert "DP synthetic" not in report and "DP generator" not in report
         assert (sub / "training.png").is_file()
     summary = json.loads((run / "seeds.json").read_text())
     assert summary["epsilon"]["n"] == 0 and summary["runs"] == 2
+    seeds_md = (run / "seeds.md").read_text()
+    assert "NOT PRIVATE" in seeds_md and "DP synthetic" not in seeds_md and "DP runs" not in seeds_md
     assert "NOT PRIVATE" in capsys.readouterr().out
     # Each command alone says so too (`train` printed the epsilon with a format that None broke).
     assert main(["train", "--config", str(cfg), "--run-dir", str(root / "inf1"), "--target-epsilon", "inf",

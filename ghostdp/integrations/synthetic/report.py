@@ -39,6 +39,23 @@ ACCURACY_ENTRIES: dict[str, str] = {
 NA = "n/a"
 
 
+def accuracy_labels(private: bool = True) -> dict[str, str]:
+    """:data:`ACCURACY_ENTRIES`, or for a generator trained with epsilon inf (``private`` False) the same rows with
+    "DP" taken off the synthetic and generator rows and "NOT private" put on: nothing there is DP."""
+    if private:
+        return dict(ACCURACY_ENTRIES)
+    out = dict(ACCURACY_ENTRIES)
+    out.update(synthetic="trained on synthetic (NOT private)",
+               generator_classifier="generator as classifier (zero-shot, NOT private)",
+               synthetic_plus_public="trained on synthetic + public set (NOT private)")
+    return out
+
+
+def _is_private(figures: Mapping[str, Any]) -> bool:
+    """False when the run's privacy record says epsilon inf (``not_private``); True otherwise."""
+    return not ((figures.get("metrics") or {}).get("privacy") or {}).get("not_private")
+
+
 @dataclass(frozen=True)
 class RunReport:
     """What :func:`write_run_report` wrote: paths, and the exact dict saved as ``metrics.json``."""
@@ -153,9 +170,11 @@ def plot_training(training_log: Sequence[Mapping[str, Any]], path: Path) -> Path
     return _save(fig, path)
 
 
-def plot_accuracies(accuracies: Mapping[str, Mapping[str, Any] | None], path: Path) -> Path:
-    """Accuracy bars in :data:`ACCURACY_ENTRIES` order; a missing entry gets no bar and an "n/a" label."""
-    names = list(ACCURACY_ENTRIES)
+def plot_accuracies(accuracies: Mapping[str, Mapping[str, Any] | None], path: Path, *, private: bool = True) -> Path:
+    """Accuracy bars in :data:`ACCURACY_ENTRIES` order; a missing entry gets no bar and an "n/a" label
+    (``private`` False: the labels of :func:`accuracy_labels` for a NOT private run)."""
+    labels = accuracy_labels(private)
+    names = list(labels)
     fig, ax = _new_figure(max(7.0, 1.3 * len(names)), 4.5)
     for i, key in enumerate(names):
         entry = accuracies.get(key)
@@ -166,7 +185,7 @@ def plot_accuracies(accuracies: Mapping[str, Mapping[str, Any] | None], path: Pa
         ax.bar(i, float(acc), color=f"C{i}")
         ax.text(i, float(acc) + 0.01, f"{float(acc):.3f}", ha="center", va="bottom")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([ACCURACY_ENTRIES[k].replace(" (", "\n(").replace(", ", ",\n") for k in names], fontsize=7)
+    ax.set_xticklabels([labels[k].replace(" (", "\n(").replace(", ", ",\n") for k in names], fontsize=7)
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("accuracy on real held-out data")
@@ -261,7 +280,7 @@ def _markdown(figures: Mapping[str, Any], plots: Mapping[str, Path], max_log_row
     if "accuracy" in figures:
         lines += ["## Downstream accuracy (real held-out data)", ""]
         rows = []
-        for key, label in ACCURACY_ENTRIES.items():
+        for key, label in accuracy_labels(_is_private(figures)).items():
             entry = figures["accuracy"].get(key) or {}
             recall = entry.get("recall") or {}
             per_class = ", ".join(f"{c} {_fmt(r)}" for c, r in recall.items()) if recall else None
@@ -356,7 +375,8 @@ def write_run_report(
         _check_accuracies(accuracies)
         figures["accuracy"] = {key: (dict(accuracies[key]) if accuracies.get(key) is not None else None)
                                for key in ACCURACY_ENTRIES}
-        plots["accuracy"] = plot_accuracies(figures["accuracy"], run_dir / "accuracy.png")
+        plots["accuracy"] = plot_accuracies(figures["accuracy"], run_dir / "accuracy.png",
+                                            private=_is_private({"metrics": metrics}))
     if mauve is not None:
         figures["mauve"] = float(mauve)
         if mauve_curve is not None:

@@ -103,7 +103,9 @@ def _points(ms: Mapping[str, Any]) -> str:
 def seeds_markdown(summary: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
     """The summary as a Markdown table (mean ± sample std over the runs)."""
     if labels is None:
-        from ghostdp.integrations.synthetic.report import ACCURACY_ENTRIES as labels
+        from ghostdp.integrations.synthetic.report import accuracy_labels
+
+        labels = accuracy_labels(private=not summary.get("not_private"))
     n = summary["runs"]
     if summary.get("not_private"):
         head = [f"# {n} runs, NOT PRIVATE (epsilon inf: no noise, no clipping): mean ± std", "",
