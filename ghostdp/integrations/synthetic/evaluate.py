@@ -10,7 +10,9 @@ real held-out set the generator never saw:
                    reusable dataset rather than one model). Default: a linear head on frozen MiniLM
                    sentence embeddings trained with ghostdp's ``PrivacyEngine`` and
                    ``PoissonBatchSampler``; option ``dp_classifier="minilm"``: DP-SGD on every MiniLM
-                   parameter (both in :mod:`ghostdp.integrations.synthetic.dp_classifiers`).
+                   parameter (both in :mod:`ghostdp.integrations.synthetic.dp_classifiers`). n/a for a
+                   generator trained with epsilon inf (NOT private: no budget to match) unless
+                   ``evaluate.dp_epsilon`` names one.
 ``prior_floor``    samples from the *un-finetuned* model with the same prompts: what the base model knows
                    without the private data. Synthetic data that does not beat it learnt nothing usable.
 
