@@ -366,8 +366,9 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> int | None
     if ns.command == "train":
         gen = pipeline.train(config, run_dir, show_progress=show)
         p = gen.info["privacy"]
-        print(f"Generator: {run_dir / pipeline.MODEL_DIR}\n{_not_private(p.get('dp_seed'), p['epsilon_total'])}"
-              + ("" if p["epsilon_total"] is None else
+        epsilon_inf = p["epsilon_total"] is None
+        print(f"Generator: {run_dir / pipeline.MODEL_DIR}\n{_not_private(p.get('dp_seed'), epsilon_inf)}"
+              + ("" if epsilon_inf else
                  f"(epsilon={p['epsilon_total']:.4g}, delta={p['delta']:.3g})-DP ({p['epsilon_train']:.4g} DP-SGD over "
                  f"{p['steps']} steps, noise multiplier {p['noise_multiplier']:.4g}; "
                  f"{p['epsilon_labels']:.4g} label proportions)"))
@@ -375,7 +376,7 @@ def _run(ns: argparse.Namespace, config: RunConfig, run_dir: Path) -> int | None
         result = pipeline.synthesize_step(config, run_dir, show_progress=show, max_batches=ns.max_batches)
         state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
         privacy = json.loads(result.meta.read_text(encoding="utf-8")).get("privacy") or {}
-        banner = _not_private(privacy.get("dp_seed"), privacy.get("epsilon_total", 0.0))
+        banner = _not_private(privacy.get("dp_seed"), bool(privacy.get("not_private")))
         print(f"{banner}Synthetic data: {result.jsonl} "
               f"({sum(result.counts.values())} samples {result.counts}; {state})")
     elif ns.command == "evaluate" and ns.hparam_grid is not None:
@@ -431,9 +432,9 @@ def _print_audit(run_dir: Path) -> int | None:
     return EXIT_AUDIT_EXCEEDS
 
 
-def _not_private(dp_seed: Any, epsilon: Any = 0.0) -> str:
-    """The NOT PRIVATE line for a run trained with epsilon inf (``epsilon`` None) or a known dp_seed; else ""."""
-    if epsilon is None:
+def _not_private(dp_seed: Any, epsilon_inf: bool = False) -> str:
+    """The NOT PRIVATE line for a run trained with epsilon inf or with a known dp_seed; else ""."""
+    if epsilon_inf:
         return ("NOT PRIVATE: trained with epsilon inf (no noise, no clipping); a baseline for comparisons, never "
                 "a release\n")
     if dp_seed is None:
@@ -447,7 +448,8 @@ def _print_headline(h: dict[str, Any], report: Path, timings: dict[str, float] |
                   f" (INCOMPLETE: {h['n_synthetic']} of {h.get('n_target')}; re-run synthesize to finish)")
     guarantee = ("synthetic data (NOT private)" if h["epsilon"] is None else
                  f"(epsilon={_fmt(h['epsilon'])}, delta={_fmt(h['delta'])})-DP synthetic data")
-    first = f"{_not_private(h.get('dp_seed'), h['epsilon'])}{guarantee}, {h['n_synthetic']} samples{incomplete}"
+    banner = _not_private(h.get("dp_seed"), h["epsilon"] is None)
+    first = f"{banner}{guarantee}, {h['n_synthetic']} samples{incomplete}"
     lines = [
         first,
         f"accuracy on real held-out data: synthetic {_fmt(h['accuracy_synthetic'])} | DP on real "

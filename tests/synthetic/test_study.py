@@ -176,7 +176,8 @@ def test_tiny_study_prompt_and_not_private_cells(tmp_path, tiny_config):
     info = json.loads((nonpriv / "model" / "ghostdp_model.json").read_text())
     assert info["privacy"]["epsilon_total"] is None and "NOT PRIVATE" in info["privacy"]["not_private"]
     assert info["privacy"]["noise_multiplier"] == 0.0
-    assert not (nonpriv / "report.md").exists()  # no report claiming a guarantee
+    report = (nonpriv / "report.md").read_text()  # the same pipeline, and no report claiming a guarantee
+    assert "**NOT PRIVATE.**" in report and ")-DP" not in report and "DP synthetic" not in report
     for row in summary["rows"]:
         assert row["accuracy_synthetic"]["n"] == 1 and row["perplexity"]["mean"] > 1
     # The cells share one floor (sampled once, under <study>/shared) and so one floor accuracy.

@@ -42,18 +42,17 @@ NA = "n/a"
 def accuracy_labels(private: bool = True) -> dict[str, str]:
     """:data:`ACCURACY_ENTRIES`, or for a generator trained with epsilon inf (``private`` False) the same rows with
     "DP" taken off the synthetic and generator rows and "NOT private" put on: nothing there is DP."""
-    if private:
-        return dict(ACCURACY_ENTRIES)
     out = dict(ACCURACY_ENTRIES)
-    out.update(synthetic="trained on synthetic (NOT private)",
-               generator_classifier="generator as classifier (zero-shot, NOT private)",
-               synthetic_plus_public="trained on synthetic + public set (NOT private)")
+    if not private:
+        out.update(synthetic="trained on synthetic (NOT private)",
+                   generator_classifier="generator as classifier (zero-shot, NOT private)",
+                   synthetic_plus_public="trained on synthetic + public set (NOT private)")
     return out
 
 
-def _is_private(figures: Mapping[str, Any]) -> bool:
-    """False when the run's privacy record says epsilon inf (``not_private``); True otherwise."""
-    return not ((figures.get("metrics") or {}).get("privacy") or {}).get("not_private")
+def _is_private(metrics: Mapping[str, Any] | None) -> bool:
+    """False when the run's privacy record (``metrics["privacy"]``) says epsilon inf (``not_private``)."""
+    return not ((metrics or {}).get("privacy") or {}).get("not_private")
 
 
 @dataclass(frozen=True)
@@ -280,7 +279,7 @@ def _markdown(figures: Mapping[str, Any], plots: Mapping[str, Path], max_log_row
     if "accuracy" in figures:
         lines += ["## Downstream accuracy (real held-out data)", ""]
         rows = []
-        for key, label in accuracy_labels(_is_private(figures)).items():
+        for key, label in accuracy_labels(_is_private(figures.get("metrics"))).items():
             entry = figures["accuracy"].get(key) or {}
             recall = entry.get("recall") or {}
             per_class = ", ".join(f"{c} {_fmt(r)}" for c, r in recall.items()) if recall else None
@@ -376,7 +375,7 @@ def write_run_report(
         figures["accuracy"] = {key: (dict(accuracies[key]) if accuracies.get(key) is not None else None)
                                for key in ACCURACY_ENTRIES}
         plots["accuracy"] = plot_accuracies(figures["accuracy"], run_dir / "accuracy.png",
-                                            private=_is_private({"metrics": metrics}))
+                                            private=_is_private(metrics))
     if mauve is not None:
         figures["mauve"] = float(mauve)
         if mauve_curve is not None:

@@ -14,9 +14,8 @@ is reused, synthesis resumes).
 
 Epsilon ``inf`` is the NON-PRIVATE baseline: no noise and no clipping (``train.target_epsilon=inf``). It is
 written "inf (not private)" in every table, plot and JSON record, and its "DP on real" column is the
-non-private classifier trained on real data (there is no DP at epsilon inf). Its evaluation is the same
-as the private cells' (same classifier, MAUVE, perplexity, label fidelity, floor) without the report,
-whose privacy statement would not apply.
+non-private classifier trained on real data (there is no DP at epsilon inf). It runs the same pipeline as
+the private cells (same classifier, MAUVE, perplexity, label fidelity, floor); its report says NOT PRIVATE.
 
 Privacy: every cell trains on the same private data. Released together the cells' models would be private
 only by composition (the sum of their epsilons, and not at all with an inf cell). The study is a
@@ -150,85 +149,20 @@ def run_cell(config: RunConfig, run_dir: Path, *, show_progress: bool = True,
 
     ``shared``: the study's ``shared_eval.SharedEvaluation`` (embeddings, base perplexity, floor samples).
     """
-    if math.isinf(config.train.target_epsilon):
-        return _nonprivate_cell(config, run_dir, show_progress, shared)
     from ghostdp.integrations.synthetic.pipeline import run_pipeline
 
     started = time.time()
     result, _, timings = run_pipeline(config, run_dir, show_progress=show_progress, shared=shared)
     h = result.headline
-    return {"accuracy_synthetic": h["accuracy_synthetic"], "mauve": h["mauve"], "perplexity": h["perplexity"],
-            "label_fidelity": h["label_fidelity"], "accuracy_generator_classifier": h["accuracy_generator_classifier"],
-            "accuracy_dp_on_real": h["accuracy_dp_on_real"],
-            "accuracy_real_ceiling": h["accuracy_real_ceiling"], "accuracy_prior_floor": h["accuracy_prior_floor"],
-            "epsilon_spent": h["epsilon"], "delta": h["delta"], "dp_seed": h.get("dp_seed"),
-            "seconds": round(time.time() - started, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
-            "report": str(result.report_md)}
-
-
-def _nonprivate_cell(config: RunConfig, run_dir: Path, show_progress: bool, shared: Any | None = None
-                     ) -> dict[str, Any]:
-    """epsilon = inf: train without noise or clipping, synthesize, and evaluate like the private cells.
-
-    The run report is not written (its privacy statement would be false); the figures go to the study.
-    The DP-on-real baseline has no meaning at epsilon inf: the non-private real-data classifier stands there.
-    """
-    from ghostdp.integrations.synthetic import eval_rows, evaluate, pipeline
-    from ghostdp.integrations.synthetic.run_folder import (
-        RunPaths,
-        load_eval_data,
-        load_private_data,
-    )
-    from ghostdp.integrations.synthetic.synthesize import (
-        GENERATOR_META,
-        load_generator,
-        read_synthetic,
-    )
-    from ghostdp.integrations.synthetic.text_data import LabelledTexts
-
-    started = time.time()
-    timings = {}
-    paths = RunPaths(Path(run_dir))
-    if (paths.model / GENERATOR_META).is_file():
-        gen = load_generator(paths.model, use_cpu=config.train.use_cpu)
-    else:
-        gen = pipeline.train(config, run_dir, show_progress=show_progress)
-    timings["train_s"] = round(time.time() - started, 1)
-    synthesis = pipeline.synthesize_step(config, run_dir, generator=gen, show_progress=show_progress)
-    timings["synthesize_s"] = round(time.time() - started - timings["train_s"], 1)
-    names = gen.label_names
-    synthetic = evaluate.synthetic_texts_from_rows(read_synthetic(synthesis.jsonl), names, str(synthesis.jsonl))
-    heldout = load_eval_data(config.data, names)
-    private = load_private_data(config.data)
-    private = LabelledTexts(private.texts, private.labels, names, source=private.source)
-    floor = evaluate._floor_samples(config, paths, gen, synthesis.counts, show_progress, shared)
-    ppl = evaluate._perplexities(config, gen, heldout, show_progress, shared)
-    embedder = evaluate.make_embedder(config, show_progress, shared)
-    # epsilon None: no DP-on-real classifier (there is no budget to match); the real-data row stands there.
-    res = evaluate.evaluate_synthetic(synthetic=synthetic, private=private, heldout=heldout, floor=floor,
-                                      embedder=embedder, config=config, epsilon=None, delta=gen.info["privacy"]["delta"],
-                                      show_progress=show_progress)
-    acc = res["accuracies"]
-    acc["generator_classifier"] = eval_rows.generator_row(config, gen, heldout, show_progress=show_progress)
-
-    def get(row: str) -> float | None:
-        return (acc.get(row) or {}).get("accuracy")
-
-    out = {"accuracy_synthetic": get("synthetic"), "mauve": res["mauve"]["synthetic"],
-           "perplexity": (ppl.get("finetuned") or {}).get("perplexity"),
-           "label_fidelity": (res["label_fidelity"].get("synthetic") or {}).get("label_fidelity"),
-           "accuracy_generator_classifier": get("generator_classifier"), "accuracy_dp_on_real": get("real_ceiling"),
-           "accuracy_real_ceiling": get("real_ceiling"),
-           "accuracy_prior_floor": get("prior_floor"), "epsilon_spent": None, "delta": None,
-           "not_private": gen.info["privacy"].get("not_private", NOT_PRIVATE),
-           "seconds": round(time.time() - started, 1)}
-    out["timings"] = {**timings, "evaluate_s": round(out["seconds"] - timings["train_s"] - timings["synthesize_s"], 1)}
-    from ghostdp.integrations.synthetic.run_folder import write_text_atomic
-
-    write_text_atomic(paths.root / "nonprivate_metrics.json",
-                      json.dumps({"NOTE": "NOT PRIVATE: epsilon = inf (no noise, no clipping)", **out,
-                                  "mauve_detail": res["mauve"], "perplexity_detail": ppl,
-                                  "accuracies": acc}, indent=2, default=str) + "\n")
+    out = {"accuracy_synthetic": h["accuracy_synthetic"], "mauve": h["mauve"], "perplexity": h["perplexity"],
+           "label_fidelity": h["label_fidelity"], "accuracy_generator_classifier": h["accuracy_generator_classifier"],
+           "accuracy_dp_on_real": h["accuracy_dp_on_real"],
+           "accuracy_real_ceiling": h["accuracy_real_ceiling"], "accuracy_prior_floor": h["accuracy_prior_floor"],
+           "epsilon_spent": h["epsilon"], "delta": h["delta"], "dp_seed": h.get("dp_seed"),
+           "seconds": round(time.time() - started, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
+           "report": str(result.report_md)}
+    if math.isinf(config.train.target_epsilon):  # no DP at epsilon inf: the real-data classifier stands there
+        out.update(accuracy_dp_on_real=h["accuracy_real_ceiling"], delta=None, not_private=NOT_PRIVATE)
     return out
 
 
