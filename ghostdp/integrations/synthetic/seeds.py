@@ -53,8 +53,8 @@ def aggregate_runs(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     Returns ``{"runs": n, "accuracy": {row: {"accuracy": ms, "macro_f1": ms, "recall_gap": ms,
     "recall": {class: ms}}}, "gaps": {row: ms}, "label_fidelity": ms, "epsilon": ms, "not_private": k}`` with
-    ``k`` the runs trained with epsilon inf and ``ms`` from
-    :func:`mean_std`. A row that is n/a in some runs is averaged over the others (its ``n`` says how many).
+    ``ms`` from :func:`mean_std` and ``k`` the number of runs trained with epsilon inf. A row that is n/a in some
+    runs is averaged over the others (its ``n`` says how many).
     ``gaps[row]`` is the paired difference, synthetic accuracy minus ``row``'s accuracy within each run (the
     issue-11 goals are gaps: synthetic >= floor + 10 points, >= DP-on-real - 8 points); its std is that of
     the difference, smaller than the two rows' stds combined when the runs' draws move both rows together.
