@@ -35,6 +35,8 @@ def test_split_is_disjoint_seeded_long_and_labelled(tmp_path):
     pairs_p, pairs_h = {(r["text"], r["label"]) for r in p}, {(r["text"], r["label"]) for r in h}
     assert all(pair in copies for pair in pairs_p | pairs_h)
     assert all(copies[pair] > 1 for pair in pairs_p & pairs_h)
+    written = Counter((r["text"], r["label"]) for r in p + h)
+    assert all(n <= copies[pair] for pair, n in written.items())  # no source row written twice (the old index check)
     # Same seed, same files; another seed, other files.
     again = long_reviews.write_split(tmp_path / "b", private_rows=300, heldout_rows=50, seed=3)
     assert _read(again[0]) == p and _read(again[1]) == h
