@@ -80,7 +80,7 @@ def poisson_batches(seed: int, steps: int, n: int = N, q: float = L / N) -> list
     return list(itertools.islice(itertools.chain.from_iterable(iter(sampler) for _ in range(steps)), steps))
 
 
-def reference_run(model, data, seed, *, steps, sigma, C, lr):
+def reference_run(model, data, seed, *, steps, sigma, C, lr, coll=None, n=N, q=L / N):
     """The DP-SGD loop written by hand: Poisson batches, physical batches of B, sum-of-losses backward, SGD.
 
     The optimizer's parameter groups follow Trainer's (weight-decayed ones first): the engine draws the
@@ -90,10 +90,10 @@ def reference_run(model, data, seed, *, steps, sigma, C, lr):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.SGD([{"params": [p for n, p in named if n in decay]},
                            {"params": [p for n, p in named if n not in decay]}], lr=lr)
-    PrivacyEngine(model, opt, max_grad_norm=C, expected_batch_size=L, noise_multiplier=sigma, loss_reduction="sum",
-                  sample_rate=L / N, generator=torch.Generator().manual_seed(seed + 1))
-    coll, out = collator(), []
-    for idx in poisson_batches(seed, steps):
+    PrivacyEngine(model, opt, max_grad_norm=C, expected_batch_size=round(q * n), noise_multiplier=sigma,
+                  loss_reduction="sum", sample_rate=q, generator=torch.Generator().manual_seed(seed + 1))
+    coll, out = coll or collator(), []
+    for idx in poisson_batches(seed, steps, n, q):
         for start in range(0, len(idx), B):
             batch = coll([data[i] for i in idx[start:start + B]])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -391,6 +391,49 @@ def test_a_loss_that_mixes_examples_is_caught_before_the_first_step(tmp_path):
     assert trainer.privacy_engine.steps == 0
     for name, p in trainable(model).items():
         assert torch.equal(p, before[name])
+
+
+@pytest.mark.parametrize("kind", ["full-tied", "lora"])
+def test_lm_head_reads_only_the_positions_the_loss_scores(tmp_path, kind):
+    """A long unscored prompt: DPTrainer asks the model for the logits of the scored tail only (from the
+    position before the batch's first scored label), the per-example losses equal those of the full logits,
+    and the steps equal the hand-written loop's (which computes every position's logits)."""
+    from ghostdp.integrations.hf.collators import CollatorConfig, PrefixLMCollator
+    from ghostdp.integrations.hf.prompts import PromptTemplate
+
+    def long_prompt():
+        return PrefixLMCollator(tokenizer=collator().tokenizer, config=CollatorConfig(
+            template=PromptTemplate("w0 w1 w2 w3 w4 w5 w6 {label} :"), max_length=20))
+
+    build = (lambda: tiny_llama(True)) if kind == "full-tied" else (lambda: lora(tiny_llama(True)))
+    data = make_data(8)
+    model = build()
+    trainer = DPTrainer(model=model, args=make_args(tmp_path, max_steps=2, noise_multiplier=0.0),
+                        train_dataset=data, data_collator=long_prompt())
+    batch = long_prompt()(data[:5])
+    lengths = []
+    head = trainer.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: lengths.append(a[0].shape[1]))
+    with torch.no_grad():
+        got = trainer.compute_per_example_loss(trainer.model, batch)
+        full = per_example_lm_loss(trainer.model(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    handle.remove()
+    T = batch["labels"].shape[1]
+    first = int((batch["labels"] != -100).any(0).nonzero()[0])
+    assert first >= 9 and lengths == [T - first + 1, T]  # the prompt's positions are skipped, not the scored ones
+    torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
+
+    expected = reference_run(build(), data, 3, steps=2, sigma=0.0, C=0.5, lr=0.05, coll=long_prompt(), n=8, q=0.5)
+    model = build()
+    rec = ParamsEachStep(model)
+    trainer = DPTrainer(model=model, args=make_args(tmp_path, max_steps=2, dp_seed=3, noise_multiplier=0.0,
+                                                    logical_batch_size=4),
+                        train_dataset=data, data_collator=long_prompt(), callbacks=[rec])
+    trainer.train()
+    for got_step, ref in zip(rec.steps, expected, strict=True):
+        for name in ref:
+            torch.testing.assert_close(got_step[name], ref[name], rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

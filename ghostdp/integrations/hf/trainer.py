@@ -91,7 +91,7 @@ from transformers.trainer_utils import (
 
 from ghostdp.engine import planning
 from ghostdp.engine.fsdp import is_fsdp2
-from ghostdp.engine.loss import TASK_LOSSES, per_example_sequence_loss
+from ghostdp.engine.loss import TASK_LOSSES, per_example_lm_loss, per_example_sequence_loss
 from ghostdp.engine.privacy_engine import PrivacyEngine
 from ghostdp.engine.sampling import PoissonBatchSampler
 from ghostdp.integrations.hf.args import (
@@ -537,6 +537,7 @@ class DPTrainer(Trainer):
             self.model, per_example_loss,
             overridden=type(self).compute_per_example_loss is not DPTrainer.compute_per_example_loss,
         )
+        self._tail_supported: bool | None = None  # set by _scored_tail on the first batch
         self._check_model_supported()
         if self.train_dataset is not None:
             self._check_train_dataset()
@@ -840,12 +841,45 @@ class DPTrainer(Trainer):
         kwargs = {k: v for k, v in inputs.items() if k != "labels"}
         if self._task == "seq2seq_lm" and "decoder_input_ids" not in kwargs and "decoder_inputs_embeds" not in kwargs:
             kwargs["decoder_input_ids"] = _unwrap(model).prepare_decoder_input_ids_from_labels(labels=labels)
+        keep = self._scored_tail(model, labels)
+        if keep is not None:  # logits only where the loss reads them: the same loss, less LM-head work
+            kwargs["logits_to_keep"] = keep
+            labels = labels[:, labels.shape[1] - keep:]
         outputs = model(**kwargs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         if self._per_example_loss is per_example_sequence_loss:
             problem_type = getattr(getattr(_unwrap(model), "config", None), "problem_type", None)
             return per_example_sequence_loss(logits, labels, problem_type)
         return self._per_example_loss(logits, labels)
+
+    def _scored_tail(self, model: nn.Module, labels: torch.Tensor) -> int | None:
+        """How many trailing positions' logits the causal-LM loss reads, when fewer than all and the model can
+        compute only those (``logits_to_keep``), else None.
+
+        The shifted loss pairs the logits at t - 1 with the label at t, so with f the first column that
+        holds a scored label (not -100) in any row, it reads positions f - 1 .. T - 1: K = T - f + 1. A
+        Prefix-LM batch never scores its prompt, so the LM head (a vocabulary-sized matmul, with the
+        log-softmax after it) skips the prompt positions; the per-example losses and gradients are the same
+        (a hidden state whose logits are not read gets no gradient from them either). Only for the default
+        causal-LM loss of a model whose forward takes ``logits_to_keep`` (transformers' causal LMs since
+        4.50), and not for a PEFT prompt-learning model (its logits include the virtual positions).
+        """
+        if self._task != "causal_lm" or self._per_example_loss is not per_example_lm_loss or labels.dim() != 2:
+            return None
+        if self._tail_supported is None:
+            import inspect
+
+            peft_config = getattr(model, "active_peft_config", None)
+            base = _unwrap(model)
+            self._tail_supported = (not getattr(peft_config, "is_prompt_learning", False)
+                                    and "logits_to_keep" in inspect.signature(base.forward).parameters)
+        if not self._tail_supported:
+            return None
+        scored = (labels[:, 1:] != -100).any(dim=0)  # column t + 1 scored in some row
+        if not bool(scored.any()):
+            return None
+        keep = labels.shape[1] - (int(scored.nonzero()[0]) + 1) + 1
+        return keep if keep < labels.shape[1] else None
 
     @torch.no_grad()
     def _check_loss_is_per_example(self, model: nn.Module) -> None:
