@@ -123,7 +123,8 @@ def test_matches_hand_written_engine_loop(tmp_path, kind):
 
     model = build()
     rec = ParamsEachStep(model)
-    args = make_args(tmp_path, max_steps=steps, dp_seed=seed, noise_multiplier=0.8, max_grad_norm=0.5)
+    args = make_args(tmp_path, max_steps=steps, dp_seed=seed, noise_multiplier=0.8, max_grad_norm=0.5,
+                     group_physical_by_length=False)  # the hand loop's physical batches, so float64-exact
     trainer = DPTrainer(model=model, args=args, train_dataset=data, data_collator=collator(), callbacks=[rec])
     trainer.train()
 
@@ -393,6 +394,37 @@ def test_a_loss_that_mixes_examples_is_caught_before_the_first_step(tmp_path):
         assert torch.equal(p, before[name])
 
 
+def test_physical_batches_are_grouped_by_length_within_the_poisson_batch(tmp_path):
+    """Each logical batch holds exactly the Poisson draw; with group_physical_by_length (default) its physical
+    batches run longest first, so they pad less; off, they keep the sampled order."""
+    data = make_data(N)
+    seed = seed_with_empty_and_split_batches(6)
+    draws = poisson_batches(seed, 6)
+    ids = {tuple(collator()([row])["input_ids"][0].tolist()): i for i, row in enumerate(data)}
+    assert len(ids) == N  # every row tokenizes differently, so rows can be recovered from the batches
+
+    def rows_and_padding(by_length):
+        args = make_args(tmp_path, dp_seed=seed, group_physical_by_length=by_length)
+        trainer = DPTrainer(model=tiny_llama(True), args=args, train_dataset=data, data_collator=collator())
+        out = []
+        for logical, _ in zip(trainer.get_train_dataloader(), range(6)):
+            rows, padded = [], 0
+            for b in logical.physical:
+                mask = b["attention_mask"]
+                padded += mask.numel()
+                rows += [ids[tuple(r[m.bool()].tolist())] for r, m in zip(b["input_ids"], mask)]
+            out.append((rows, padded))
+        return out
+
+    grouped, sampled = rows_and_padding(True), rows_and_padding(False)
+    for draw, (rows, padded), (rows_off, padded_off) in zip(draws, grouped, sampled, strict=True):
+        assert rows_off == draw and sorted(rows) == sorted(draw)
+        lengths = [int(collator()([data[i]])["attention_mask"].sum()) for i in rows]
+        assert lengths == sorted(lengths, reverse=True)
+        assert padded <= padded_off
+    assert sum(p for _, p in grouped) < sum(p for _, p in sampled)
+
+
 @pytest.mark.parametrize("kind", ["full-tied", "lora"])
 def test_lm_head_reads_only_the_positions_the_loss_scores(tmp_path, kind):
     """A long unscored prompt: DPTrainer asks the model for the logits of the scored tail only (from the
@@ -425,15 +457,19 @@ def test_lm_head_reads_only_the_positions_the_loss_scores(tmp_path, kind):
     torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
 
     expected = reference_run(build(), data, 3, steps=2, sigma=0.0, C=0.5, lr=0.05, coll=long_prompt(), n=8, q=0.5)
-    model = build()
-    rec = ParamsEachStep(model)
-    trainer = DPTrainer(model=model, args=make_args(tmp_path, max_steps=2, dp_seed=3, noise_multiplier=0.0,
-                                                    logical_batch_size=4),
-                        train_dataset=data, data_collator=long_prompt(), callbacks=[rec])
-    trainer.train()
-    for got_step, ref in zip(rec.steps, expected, strict=True):
-        for name in ref:
-            torch.testing.assert_close(got_step[name], ref[name], rtol=1e-10, atol=1e-12)
+    # In the sampled order the physical batches are the hand loop's, and the steps agree to float64 rounding.
+    # Grouped by length, the same examples sum in another order and other batch shapes: the ghost norms'
+    # rounding (float64, inner products of per-position terms) moves by ~1e-10 relative, no more.
+    for by_length, rtol, atol in ((False, 1e-10, 1e-12), (True, 1e-7, 1e-9)):
+        model = build()
+        rec = ParamsEachStep(model)
+        trainer = DPTrainer(model=model, args=make_args(tmp_path, max_steps=2, dp_seed=3, noise_multiplier=0.0,
+                                                        logical_batch_size=4, group_physical_by_length=by_length),
+                            train_dataset=data, data_collator=long_prompt(), callbacks=[rec])
+        trainer.train()
+        for got_step, ref in zip(rec.steps, expected, strict=True):
+            for name in ref:
+                torch.testing.assert_close(got_step[name], ref[name], rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

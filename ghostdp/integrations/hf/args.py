@@ -91,6 +91,13 @@ class DPTrainingArguments(TrainingArguments):
                           "norm, which is never logged). Off by default; turn it on only where the logs stay "
                           "as private as the data. 'epsilon' is always logged."},
     )
+    group_physical_by_length: bool = field(
+        default=True,
+        metadata={"help": "Cut each Poisson (logical) batch into physical batches of similar lengths, longest "
+                          "first, so less compute goes to padding. The logical batch, and so the sampling and the "
+                          "accounting, are unchanged: it only reorders the examples whose clipped gradients are "
+                          "summed. Off: the sampled order."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "As in TrainingArguments, but off by default: the Prefix-LM collators read the raw "
@@ -184,7 +191,9 @@ class DPTrainingArguments(TrainingArguments):
                 "assumes Poisson sampling (each example independently with probability q). Sequential, "
                 "length-grouped or rebalanced batches are a different mechanism whose epsilon would be "
                 "under-stated. DPTrainer always samples Poisson batches; leave train_sampling_strategy='random' "
-                "(its default; group_by_length=False in transformers 4)."
+                "(its default; group_by_length=False in transformers 4). Within each Poisson batch the physical "
+                "batches are already grouped by length (group_physical_by_length=True), which saves the padding "
+                "without changing the sampling."
             )
         if _TRANSFORMERS_4 and self.include_num_input_tokens_seen not in ("no", False):
             raise ValueError(

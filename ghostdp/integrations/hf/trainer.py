@@ -11,7 +11,8 @@ What changes relative to ``Trainer``, and why (all in this file):
 
 * **Sampling.** ``get_train_dataloader`` yields one *logical* batch per optimizer step: a Poisson sample
   (every example independently with probability q = logical_batch_size / N; the size varies and can be
-  0), cut into physical batches of ``per_device_train_batch_size``. The Trainer runs with
+  0), cut into physical batches of ``per_device_train_batch_size`` (longest examples first, so each physical
+  batch pads to similar lengths; ``group_physical_by_length=False`` keeps the sampled order). The Trainer runs with
   ``gradient_accumulation_steps=1`` and sees one "micro-batch" (a :class:`LogicalBatch`) per step, so its
   fixed-accumulation assumptions never meet the varying number of physical batches. One Trainer epoch is
   ``round(1/q)`` steps; the run is ``round(num_train_epochs / q)`` steps (or ``max_steps``).
@@ -178,12 +179,24 @@ class _LogicalBatchCollate:
     A top-level class (not a closure) so DataLoader workers can pickle it.
     """
 
-    def __init__(self, collate_fn: Callable, physical_batch_size: int):
-        self.collate_fn, self.physical_batch_size = collate_fn, physical_batch_size
+    def __init__(self, collate_fn: Callable, physical_batch_size: int, by_length: bool = False):
+        self.collate_fn, self.physical_batch_size, self.by_length = collate_fn, physical_batch_size, by_length
 
     def __call__(self, items: list) -> LogicalBatch:
         b = self.physical_batch_size
+        if self.by_length and len(items) > b:
+            items = [items[i] for i in self._longest_first(items)]
         return LogicalBatch([self.collate_fn(items[i:i + b]) for i in range(0, len(items), b)], len(items))
+
+    def _longest_first(self, items: list) -> list[int]:
+        """Indices of ``items`` by decreasing unpadded length (the collated ``attention_mask``; stable), or in
+        their order when the collated batch has no (n, T) mask to read lengths from."""
+        whole = self.collate_fn(items)
+        mask = whole.get("attention_mask") if isinstance(whole, Mapping) else None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != len(items):
+            return list(range(len(items)))
+        lengths = mask.sum(dim=1).tolist()
+        return sorted(range(len(items)), key=lambda i: -lengths[i])
 
 
 class _RankShareSampler(Sampler[list[int]]):
@@ -738,7 +751,8 @@ class DPTrainer(Trainer):
         self._dp_batches = _RankShareSampler(poisson, self.args.process_index, self.args.world_size)
         params = {
             "batch_sampler": self._dp_batches,
-            "collate_fn": _LogicalBatchCollate(collate, self.args.per_device_train_batch_size),
+            "collate_fn": _LogicalBatchCollate(collate, self.args.per_device_train_batch_size,
+                                               by_length=getattr(self.args, "group_physical_by_length", True)),
             "num_workers": self.args.dataloader_num_workers,
             "pin_memory": self.args.dataloader_pin_memory,
             "persistent_workers": self.args.dataloader_persistent_workers,
