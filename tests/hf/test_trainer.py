@@ -472,6 +472,28 @@ def test_lm_head_reads_only_the_positions_the_loss_scores(tmp_path, kind):
                 torch.testing.assert_close(got_step[name], ref[name], rtol=rtol, atol=atol)
 
 
+def test_a_forward_that_ignores_logits_to_keep_is_read_whole(tmp_path):
+    """A model whose forward names logits_to_keep but returns every position's logits still gets its exact
+    per-example losses (the labels are not cut), and is not asked again."""
+    from transformers import LlamaForCausalLM
+
+    class AllLogits(LlamaForCausalLM):
+        def forward(self, *args, logits_to_keep=0, **kwargs):
+            return super().forward(*args, logits_to_keep=0, **kwargs)
+
+    model = tiny_llama(True)
+    model.__class__ = AllLogits
+    data = make_data(6)
+    trainer = DPTrainer(model=model, args=make_args(tmp_path), train_dataset=data, data_collator=collator())
+    batch = collator()(data)
+    with torch.no_grad():
+        got = trainer.compute_per_example_loss(model, batch)
+        full = per_example_lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   batch["labels"])
+    torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
+    assert trainer._tail_supported is False
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_smollm2_lora_on_sst2_lowers_the_loss(tmp_path):

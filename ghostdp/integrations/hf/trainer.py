@@ -858,9 +858,12 @@ class DPTrainer(Trainer):
         keep = self._scored_tail(model, labels)
         if keep is not None:  # logits only where the loss reads them: the same loss, less LM-head work
             kwargs["logits_to_keep"] = keep
-            labels = labels[:, labels.shape[1] - keep:]
         outputs = model(**kwargs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        if keep is not None and logits.dim() == 3 and logits.shape[1] == keep:
+            labels = labels[:, labels.shape[1] - keep:]
+        elif keep is not None:  # a forward that names logits_to_keep but returned every position: read them all
+            self._tail_supported = False
         if self._per_example_loss is per_example_sequence_loss:
             problem_type = getattr(getattr(_unwrap(model), "config", None), "problem_type", None)
             return per_example_sequence_loss(logits, labels, problem_type)
