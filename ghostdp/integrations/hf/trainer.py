@@ -190,7 +190,8 @@ class _LogicalBatchCollate:
 
     def _longest_first(self, items: list) -> list[int]:
         """Indices of ``items`` by decreasing unpadded length (the collated ``attention_mask``; stable), or in
-        their order when the collated batch has no (n, T) mask to read lengths from."""
+        their order when the collated batch has no (n, T) mask to read lengths from. The collator runs on the
+        whole logical batch once for this (any collator works, left- or right-padded), then per physical batch."""
         whole = self.collate_fn(items)
         mask = whole.get("attention_mask") if isinstance(whole, Mapping) else None
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != len(items):
@@ -893,9 +894,10 @@ class DPTrainer(Trainer):
         if not self._tail_supported:
             return None
         scored = (labels[:, 1:] != -100).any(dim=0)  # column t + 1 scored in some row
-        if not bool(scored.any()):
+        first = int(torch.where(scored.any(), scored.int().argmax(), -1))  # one host sync; -1: nothing scored
+        if first < 0:
             return None
-        keep = labels.shape[1] - (int(scored.nonzero()[0]) + 1) + 1
+        keep = labels.shape[1] - first  # T - f + 1 with f = first + 1
         return keep if keep < labels.shape[1] else None
 
     @torch.no_grad()

@@ -548,16 +548,17 @@ def evaluate_run(config: RunConfig, paths: Any, gen: Any, *, show_progress: bool
         "training_seconds": training.get("seconds"),
         "evaluation_seconds": round(time.time() - started, 1),
     }
-    kind = "DP synthetic text" if privacy.get("epsilon_total") is not None else "synthetic text (NOT private)"
+    is_dp = privacy.get("epsilon_total") is not None  # None: trained with epsilon inf (no noise, no clipping)
+    kind = "DP synthetic text" if is_dp else "synthetic text (NOT private)"
     title = (f"ghostdp {kind}: {Path(config.data.train_data).name} -> {gen.info['base_model']} "
              f"({gen.info['method']})")
     # Privacy note under the title, memorisation worst cases at the end: written with the report, in one go.
-    if privacy.get("epsilon_total") is None:  # trained with epsilon inf: no noise, no clipping
+    if not is_dp:
         note = _NOT_PRIVATE_NOTE
     else:
         note = _PRIVACY_NOTE.format(eps=privacy["epsilon_total"], delta=privacy["delta"],
                                     eps_train=privacy["epsilon_train"], eps_labels=privacy["epsilon_labels"])
-    if privacy.get("dp_seed") is not None and privacy.get("epsilon_total") is not None:
+    if is_dp and privacy.get("dp_seed") is not None:
         note = (f"> **NOT PRIVATE: trained with the known dp_seed={privacy['dp_seed']}**, so the noise can be "
                 "reproduced and removed; the epsilon below holds only if the seed is secret (tests only).\n>\n"
                 + note)
