@@ -455,6 +455,8 @@ def test_lm_head_reads_only_the_positions_the_loss_scores(tmp_path, kind):
     first = int((batch["labels"] != -100).any(0).nonzero()[0])
     assert first >= 9 and lengths == [T - first + 1, T]  # the prompt's positions are skipped, not the scored ones
     torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
+    assert trainer._scored_tail(trainer.model, torch.full_like(batch["labels"], -100)) is None  # nothing scored
+    assert trainer._scored_tail(trainer.model, batch["labels"]) == T - first + 1
 
     expected = reference_run(build(), data, 3, steps=2, sigma=0.0, C=0.5, lr=0.05, coll=long_prompt(), n=8, q=0.5)
     # In the sampled order the physical batches are the hand loop's, and the steps agree to float64 rounding.
